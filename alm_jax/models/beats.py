@@ -290,7 +290,8 @@ class BeatsEncoder(nnx.Module):
   def __init__(self, config: BeatsConfig, *, rngs: nnx.Rngs | None):
     self.config = config
     p, e, d = config.patch_size, config.patch_dim, config.width
-    self.patch_embedding = layers.param(rngs, layers.default_init, (p, p, 1, e), ("conv_kernel", "mel", None, "embed"))
+    self.patch_embedding = layers.param(rngs, layers.fan_in_init(p * p), (p, p, 1, e),
+                                        ("conv_kernel", "mel", None, "embed"))
     self.patch_bias = layers.param(rngs, nnx.initializers.zeros, (e,), ("embed",)) if config.patch_bias else None
     self.layer_norm = layers.LayerNorm(e, eps=config.layer_norm_eps, rngs=rngs)
     if e != d:

@@ -23,7 +23,17 @@ from alm_jax.models.partitioning import constrain
 Axes = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
 
-default_init = nnx.initializers.normal(stddev=0.02)
+default_init = nnx.initializers.normal(stddev=0.02)  # embeddings, learned queries and tables
+
+
+def fan_in_init(fan_in: int) -> Initializer:
+  """Normal with std 1/sqrt(fan_in) (LeCun): unit-scale outputs for kernels trained from scratch.
+
+  A fixed 0.02 suits wide pretrained-style models but shrinks a narrow
+  model's conv stem below its position table, so weights start near blind
+  to the input; imported checkpoints overwrite the init either way.
+  """
+  return nnx.initializers.normal(stddev=float(fan_in) ** -0.5)
 
 
 class LoRAParam(nnx.Param):
@@ -84,7 +94,7 @@ class Linear(nnx.Module):
       in_axes: Axes,
       out_axes: Axes,
       use_bias: bool = True,
-      kernel_init: Initializer = default_init,
+      kernel_init: Initializer | None = None,
       lora_rank: int = 0,
       lora_alpha: float = 1.0,
       rngs: nnx.Rngs | None,
@@ -93,6 +103,7 @@ class Linear(nnx.Module):
     self.out_shape = _as_tuple(out_features)
     self.in_axes = tuple(in_axes)
     self.out_axes = tuple(out_axes)
+    kernel_init = kernel_init or fan_in_init(math.prod(self.in_shape))
     self.kernel = param(rngs, kernel_init, self.in_shape + self.out_shape, self.in_axes + self.out_axes)
     self.bias = param(rngs, nnx.initializers.zeros, self.out_shape, self.out_axes) if use_bias else None
     self.lora_rank = int(lora_rank)

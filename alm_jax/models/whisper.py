@@ -197,7 +197,8 @@ class Conv1d(nnx.Module):
   ):
     self.stride, self.padding = int(stride), int(padding)
     self.kernel = layers.param(
-        rngs, layers.default_init, (kernel_size, in_features, out_features), ("conv_kernel", "mel", "embed")
+        rngs, layers.fan_in_init(kernel_size * in_features), (kernel_size, in_features, out_features),
+        ("conv_kernel", "mel", "embed")
     )
     self.bias = layers.param(rngs, nnx.initializers.zeros, (out_features,), ("embed",))
 
