@@ -9,9 +9,9 @@ the demo (`alm-jax demo`) chains the stages with this config.
 import ml_collections
 
 WINDOW_SECONDS = 3.0  # synthetic clips are 1.5-3 s: one window each
-WHISPER_WIDTH = 128
-BEATS_WIDTH = 96
-LLM_WIDTH = 192
+WHISPER_WIDTH = 96
+BEATS_WIDTH = 64
+LLM_WIDTH = 128
 VOCAB = 1024  # the demo BPE tokenizer's size (alm_jax.data.tokenizer.train_bpe)
 
 
@@ -31,16 +31,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       audio=dict(sample_rate=16000, window_seconds=WINDOW_SECONDS, max_windows=2),
       whisper=dict(n_mels=80, d_model=WHISPER_WIDTH, num_layers=2, num_heads=4, ffn_dim=4 * WHISPER_WIDTH,
                    max_positions=frames),
-      beats=dict(n_mels=128, patch_size=16, patch_dim=64, width=BEATS_WIDTH, num_layers=2, num_heads=4,
+      beats=dict(n_mels=128, patch_size=16, patch_dim=32, width=BEATS_WIDTH, num_layers=1, num_heads=4,
                  ffn_dim=4 * BEATS_WIDTH, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64),
       bridge=dict(
           kind="qformer",
-          qformer=dict(mode="window", encoder_dim=WHISPER_WIDTH + BEATS_WIDTH, hidden_size=128, num_layers=2,
-                       num_heads=4, intermediate_size=256, cross_attention_frequency=1, queries=1, window=10,
+          qformer=dict(mode="window", encoder_dim=WHISPER_WIDTH + BEATS_WIDTH, hidden_size=96, num_layers=1,
+                       num_heads=4, intermediate_size=192, cross_attention_frequency=1, queries=1, window=10,
                        llm_dim=LLM_WIDTH),
       ),
-      llm=dict(family="qwen2", vocab_size=VOCAB, hidden_size=LLM_WIDTH, intermediate_size=512, num_layers=4,
-               num_heads=6, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=1024, rms_norm_eps=1e-6,
+      llm=dict(family="qwen2", vocab_size=VOCAB, hidden_size=LLM_WIDTH, intermediate_size=384, num_layers=3,
+               num_heads=4, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=1024, rms_norm_eps=1e-6,
                qkv_bias=True, tie_embeddings=True, lora_rank=0, lora_alpha=16.0,
                lora_targets=("q", "k", "v", "o", "gate", "up", "down")),
       audio_token_id=-1,
@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path="",
       template="tiny",
       batch_size=16,
-      length_buckets=(96, 160, 256),
+      length_buckets=(96, 128),
+      window_buckets=(24,),
       max_clips=3,
       workers=0,
       max_clip_seconds=8.0,

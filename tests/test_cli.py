@@ -19,7 +19,7 @@ def test_every_subcommand_has_help(capsys):
     [
         ("--config.train.stepz=3", "config.train.stepz"),  # unknown key
         ("--config.train.steps=ten", "config.train.steps"),  # wrong type
-        ("--config.model.llm.num_kv_heads=4", "config.model.llm.num_kv_heads"),  # 6 heads not divisible by 4
+        ("--config.model.llm.num_kv_heads=3", "config.model.llm.num_kv_heads"),  # 4 heads not divisible by 3
         ("--config.model.bridge.qformer.llm_dim=100", "config.model.bridge"),  # bridge width != LLM width
         ("--config.model.audio.window_seconds=60.0", "config.model.audio.window_seconds"),  # > position table
         ("--config.train.stage=warmup", "config.train.stage"),  # unknown stage

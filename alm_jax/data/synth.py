@@ -309,8 +309,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("multi_which", "multi-audio", multi_which, 4, weight=3),
     Kind("multi_same", "multi-audio", multi_same, 4, weight=3),
     Kind("multi_speech", "multi-audio", multi_speech, 4, weight=3),
-    Kind("transcribe", "speech", transcribe, 2, weight=3, task=TASK_TRANSCRIBE),
-    Kind("caption", "sound", caption, 4, weight=3, task=TASK_CAPTION),
+    Kind("transcribe", "speech", transcribe, 2, weight=6, task=TASK_TRANSCRIBE),
+    Kind("caption", "sound", caption, 4, weight=6, task=TASK_CAPTION),
 )}
 
 
