@@ -173,6 +173,22 @@ def test_compile_for_cpu_modelled_gpu_nodes():
   assert report["collectives"]["all-gather"]["count"] > 0
 
 
+@pytest.mark.slow
+def test_compile_command_compiles_the_real_alm_train_step(tmp_path):
+  # `alm-jax compile` on the demo model (micro size): the step `alm-jax train` runs, for 4 v5p chips.
+  from tests.helpers import TINY, alm_jax  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "report.json"
+  result = alm_jax("compile", "--config", TINY + ":micro", "--topology", "v5p:2x2x1", "--json", str(out),
+                   "--config.mesh.shape=(1,-1,1)", "--config.data.batch_size=4", timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "per-device memory:" in result.stdout
+  report = json.loads(out.read_text())
+  assert report["num_devices"] == 4 and report["mesh_shape"]["fsdp"] == 4
+  assert 0 < report["memory"]["total"] < report["memory"]["hbm"]
+  assert report["collectives"]["all-gather"]["count"] > 0
+
+
 if __name__ == "__main__" and "--compile" in sys.argv:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   topology_arg, shape_arg, *rest = sys.argv[sys.argv.index("--compile") + 1:]
@@ -180,3 +196,4 @@ if __name__ == "__main__" and "--compile" in sys.argv:
   dcn_arg, slices_arg = rest[:2]
   out = compile_tiny(topology_arg, tuple(json.loads(shape_arg)), tuple(json.loads(dcn_arg)), int(slices_arg))
   print("REPORT " + json.dumps(out, default=str), flush=True)
+
