@@ -12,7 +12,7 @@ batch against it on the host before it reaches the device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from flax import nnx
 from alm_jax.audio import features
 from alm_jax.config import require
 from alm_jax.errors import DataError
-from alm_jax.models import layers
+from alm_jax.models import layers, tagging
 from alm_jax.models.audio_slots import AudioTokenSpec, num_audio_tokens
 from alm_jax.models.beats import BeatsConfig, BeatsEncoder
 from alm_jax.models.llm import LLM, LLMConfig, positions_from_mask
@@ -86,6 +86,8 @@ class ALMConfig:
       False turns every frame of every window into tokens (SALMONN).
     audio_token_id: the tokenizer's audio placeholder id (-1: take it from the
       tokenizer at start, see `with_tokenizer`).
+    tagging_head: adds `tagger`, the audio-tagging head that pretrains the
+      encoders on their own (`train.objective="tagging"`, see `tagging.py`).
   """
 
   encoders: tuple[str, ...] = ("whisper",)
@@ -98,6 +100,7 @@ class ALMConfig:
   llm: LLMConfig = LLMConfig()
   audio: AudioConfig = AudioConfig()
   audio_token_id: int = -1
+  tagging_head: bool = False
 
   def __post_init__(self):
     require(
@@ -298,13 +301,14 @@ def check_audio_slots(batch: Mapping[str, np.ndarray], spec: AudioTokenSpec, pla
 
 
 class AudioLanguageModel(nnx.Module):
-  """encoder(s) → bridge → splice → LLM. Submodules: `encoder`, `bridge`, `llm`."""
+  """encoder(s) → bridge → splice → LLM. Submodules: `encoder`, `bridge`, `llm` (+ `tagger`, see `tagging_head`)."""
 
   def __init__(self, cfg: ALMConfig, *, rngs: nnx.Rngs | None):
     self.cfg = cfg
     self.encoder = AudioEncoders(cfg, rngs=rngs)
     self.bridge = Bridge(cfg, rngs=rngs)
     self.llm = LLM(cfg.llm, rngs=rngs)
+    self.tagger = tagging.AudioTagger(cfg.encoder_dim, cfg.llm.vocab_size, rngs=rngs) if cfg.tagging_head else None
 
   def audio_tokens(self, audio: jax.Array, samples: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
     """PCM windows → LLM-width audio tokens [N, M, D] and their validity [N, M]."""
@@ -341,3 +345,12 @@ class AudioLanguageModel(nnx.Module):
         "tokens": batch["token_mask"].astype(jnp.float32).sum(),
     }
     return loss, metrics
+
+  def tagging_loss(self, batch: Batch, ignore_ids: Sequence[int] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Encoders + tagging head only: each clip's answer-text tokens as tags (see `tagging.py`)."""
+    if self.tagger is None:
+      raise ValueError("tagging_loss needs a model built with tagging_head=True")
+    audio = constrain(batch["audio"], ("batch", None))
+    frames, valid = self.encoder(audio, batch["audio_samples"])
+    pooled, has_frames = tagging.pool_clips(frames, valid, batch["audio_clip"])
+    return tagging.tagging_loss(self.tagger(pooled), has_frames, batch, self.cfg.audio_token_id, ignore_ids)

@@ -31,6 +31,10 @@ class TrainConfig:
 
   Attributes:
     stage / stages / freeze: which parameters train (see `train.stages`).
+    objective: `lm`, next-token loss on the answers; `tagging`, the encoders
+      alone learn each clip's answer words through a tagging head
+      (`alm_jax.models.tagging`; one clip per example), the way released
+      encoders come pretrained. Later stages ignore the head.
     steps: optimizer updates of this stage (the run's last step).
     log_every: steps between metric lines (console, TensorBoard, metrics.jsonl).
     checkpoint_every: steps between checkpoints (a final one is always written).
@@ -49,6 +53,7 @@ class TrainConfig:
   stage: str = "full"
   stages: dict = dataclasses.field(default_factory=dict)
   freeze: tuple[str, ...] = ()
+  objective: Literal["lm", "tagging"] = "lm"
   steps: int = 1000
   log_every: int = 10
   checkpoint_every: int = 500

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Iterator
 
@@ -28,6 +29,7 @@ from alm_jax.data.pipeline import DataConfig, agree_batch_shape, make_dataset
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import CheckpointError, UserError
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
+from alm_jax.models.tagging import check_one_clip_per_example
 from alm_jax.run_config import RunConfig
 from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
@@ -40,6 +42,8 @@ from alm_jax.train.step import make_eval_step, make_train_step
 log = logging.getLogger("alm_jax.train")
 
 LORA_LEAF = r"(^|/)lora_[ab]$"
+TAGGER_LEAF = r"^tagger/"  # the encoder-pretraining head, dropped when the LLM stages start
+TAGGING_TRAINS = r"^(encoder|tagger)/"
 BATCH_AXES = {"audio_samples": ("batch",), "audio_clip": ("batch",), "example_id": ("batch",)}
 
 
@@ -88,6 +92,19 @@ def _local_batch_to_global(batch: dict, mesh, rules, pad_id: int) -> dict:
   return distributed.global_batch(batch, mesh, rules, axes=BATCH_AXES)
 
 
+def _check_tagging_stage(stage: str, trainable: list[str]) -> None:
+  """The tagging loss reaches only the encoders and the head; anything else would just decay."""
+  from alm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+  outside = [p for p in trainable if not re.match(TAGGING_TRAINS, p)]
+  if outside:
+    raise ConfigError("config.train.stage",
+                      f"stage {stage!r} trains {outside[0]} (and {len(outside) - 1} more) but train.objective='tagging' "
+                      "reaches only encoder/ and tagger/; use a stage like [['^encoder/', True], ['^tagger/', True]]")
+  if not any(p.startswith("tagger/") for p in trainable):
+    raise ConfigError("config.train.stage", f"stage {stage!r} freezes tagger/, which train.objective='tagging' trains")
+
+
 class Trainer:
   """One stage of training in one workdir."""
 
@@ -100,6 +117,12 @@ class Trainer:
     self.rules = cfg.mesh.logical_rules
     self.tokenizer = load_tokenizer(cfg.data, template or cfg.data.template)
     self.model_cfg = resolve_model_config(cfg.model, self.tokenizer)
+    self.objective = cfg.train.objective
+    if self.objective == "tagging":  # the head exists only while the encoders pretrain on their own
+      self.model_cfg = dataclasses.replace(self.model_cfg, tagging_head=True)
+    # Special tokens end answers but are not words a clip can be tagged with.
+    self.ignore_tag_ids = tuple(sorted({i for i in (self.tokenizer.end_of_turn_id, self.tokenizer.eos_id,
+                                                    self.tokenizer.pad_id) if i is not None}))
     self.spec = self.model_cfg.token_spec()
     self.layout = ParamLayout(lambda rngs: AudioLanguageModel(self.model_cfg, rngs=rngs))
     self.layout.check_divisible(self.mesh, self.rules)
@@ -107,6 +130,8 @@ class Trainer:
     self.mask = stages_lib.trainable_mask(self.layout.abstract, cfg.train.stage_config)
     self.trainable_paths = [p for p, t in self.mask.items() if t]
     self.frozen_paths = [p for p, t in self.mask.items() if not t]
+    if self.objective == "tagging":
+      _check_tagging_stage(cfg.train.stage, self.trainable_paths)
     self.tx = make_optimizer(cfg.train.optimizer, {p: self.layout.abstract[p] for p in self.trainable_paths},
                              cfg.train.steps)
     self.checkpointer = ckpt_lib.TrainCheckpointer(os.path.join(self.workdir, "checkpoints"), cfg.train.checkpoint)
@@ -143,7 +168,8 @@ class Trainer:
     params = self.layout.init(train.seed, self.mesh, self.rules)
     if train.init_from:
       restored = ckpt_lib.restore_params_only(
-          train.init_from, self._abstract(self.layout.paths), allow_missing=LORA_LEAF)
+          train.init_from, self._abstract(self.layout.paths), allow_missing=LORA_LEAF,
+          ignore_unused=None if self.model_cfg.tagging_head else TAGGER_LEAF)
       fresh = sorted(set(params) - set(restored))
       params.update(restored)
       note = f"initialised from {train.init_from}"
@@ -194,8 +220,9 @@ class Trainer:
       return self._compiled[key]
     trainable_s, frozen_s, opt_s = self._shardings()
     batch_s = jax.tree.map(lambda x: x.sharding, batch)
-    step_fn = sharding_lib.bind_rules(make_train_step(self.layout, self.tx, self.compute_dtype), self.mesh,
-                                      self.rules)
+    step_fn = make_train_step(self.layout, self.tx, self.compute_dtype, objective=self.objective,
+                              ignore_ids=self.ignore_tag_ids)
+    step_fn = sharding_lib.bind_rules(step_fn, self.mesh, self.rules)
     jitted = jax.jit(step_fn, in_shardings=(trainable_s, frozen_s, opt_s, batch_s),
                      out_shardings=(trainable_s, opt_s, None), donate_argnums=(0, 2))
     start = time.perf_counter()
@@ -221,8 +248,9 @@ class Trainer:
       self.say(f"no validation: {e}")
       return None
     if not hasattr(self, "_eval_step"):
-      self._eval_step = jax.jit(sharding_lib.bind_rules(make_eval_step(self.layout, self.compute_dtype), self.mesh,
-                                                        self.rules))
+      eval_fn = make_eval_step(self.layout, self.compute_dtype, objective=self.objective,
+                               ignore_ids=self.ignore_tag_ids)
+      self._eval_step = jax.jit(sharding_lib.bind_rules(eval_fn, self.mesh, self.rules))
     total = weight = correct = 0.0
     for i, local in enumerate(iter(dataset)):
       if i >= self.cfg.train.eval_batches:
@@ -282,6 +310,8 @@ class Trainer:
         for _ in range(accum):
           local = next(iterator)
           check_audio_slots(local, self.spec, self.model_cfg.audio_token_id)
+          if self.objective == "tagging":
+            check_one_clip_per_example(local, self.model_cfg.audio_token_id)
           batch = _local_batch_to_global(local, self.mesh, self.rules, self.tokenizer.pad_id)
           compiled = self.compiled_train_step(state, batch)
           state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)

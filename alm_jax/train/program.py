@@ -49,6 +49,8 @@ def abstract_train_program(cfg: RunConfig, mesh: Mesh, rules: Rules, *, process_
   model_cfg = cfg.model
   if model_cfg.audio_token_id < 0:  # shapes only: any id will do
     model_cfg = dataclasses.replace(model_cfg, audio_token_id=0)
+  if cfg.train.objective == "tagging":
+    model_cfg = dataclasses.replace(model_cfg, tagging_head=True)
   layout = ParamLayout(lambda rngs: AudioLanguageModel(model_cfg, rngs=rngs))
   layout.check_divisible(mesh, rules)
   mask = stages_lib.trainable_mask(layout.abstract, cfg.train.stage_config)
@@ -70,7 +72,7 @@ def abstract_train_program(cfg: RunConfig, mesh: Mesh, rules: Rules, *, process_
     batch[name] = jax.ShapeDtypeStruct(shape, BATCH_DTYPES[name],
                                        sharding=batch_spec_sharding(name, len(shape), mesh, rules))
   shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
-  step_fn = make_train_step(layout, tx, dtype)
+  step_fn = make_train_step(layout, tx, dtype, objective=cfg.train.objective)
   in_shardings = (shardings(trainable), shardings(frozen), shardings(opt_state), shardings(batch))
   out_shardings = (shardings(trainable), shardings(opt_state), None)
   return AbstractProgram(step_fn, (trainable, frozen, opt_state, batch), in_shardings, out_shardings, layout, mask)

@@ -11,7 +11,7 @@ anything bad.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,21 +21,28 @@ from alm_jax.train.optimizer import cast_for_compute
 from alm_jax.train.params import Flat, ParamLayout
 
 
-def _loss_fn(layout: ParamLayout, compute_dtype: Any) -> Callable:
+def _loss_fn(layout: ParamLayout, compute_dtype: Any, objective: str, ignore_ids: Sequence[int]) -> Callable:
+  if objective not in ("lm", "tagging"):
+    raise ValueError(f"unknown training objective {objective!r}")
+
   def loss_fn(trainable: Flat, frozen: Flat, batch: dict) -> tuple[jax.Array, dict]:
     params = {**cast_for_compute(trainable, compute_dtype), **frozen}
     model = layout.model(params)
+    if objective == "tagging":
+      return model.tagging_loss(batch, ignore_ids)
     return model.loss(batch)
 
   return loss_fn
 
 
-def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, compute_dtype: Any = jnp.float32) -> Callable:
+def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, compute_dtype: Any = jnp.float32, *,
+                    objective: str = "lm", ignore_ids: Sequence[int] = ()) -> Callable:
   """`(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`; jit it with donation.
 
   `frozen` must already be in the compute dtype (cast once, outside the step).
+  `objective`: `lm` (answer tokens) or `tagging` (`ignore_ids`: special tokens that are not tags).
   """
-  loss_fn = _loss_fn(layout, compute_dtype)
+  loss_fn = _loss_fn(layout, compute_dtype, objective, tuple(ignore_ids))
 
   def train_step(trainable: Flat, frozen: Flat, opt_state: Any, batch: dict):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
@@ -52,9 +59,10 @@ def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, compu
   return train_step
 
 
-def make_eval_step(layout: ParamLayout, compute_dtype: Any = jnp.float32) -> Callable:
-  """`(trainable, frozen, batch) -> metrics` (loss on answer tokens, no gradients)."""
-  loss_fn = _loss_fn(layout, compute_dtype)
+def make_eval_step(layout: ParamLayout, compute_dtype: Any = jnp.float32, *, objective: str = "lm",
+                   ignore_ids: Sequence[int] = ()) -> Callable:
+  """`(trainable, frozen, batch) -> metrics` (the training objective's loss, no gradients)."""
+  loss_fn = _loss_fn(layout, compute_dtype, objective, tuple(ignore_ids))
 
   def eval_step(trainable: Flat, frozen: Flat, batch: dict) -> dict:
     _, metrics = loss_fn(trainable, frozen, batch)

@@ -1,0 +1,115 @@
+"""Audio tagging head: pretrains the audio encoders on their own, before any LLM.
+
+Released encoders come pretrained (Whisper on speech recognition, BEATs on
+AudioSet tagging); a model trained from scratch needs a stand-in. The tagger
+pools each clip's encoder frames (masked mean and max) and predicts, as
+independent sigmoids over the tokenizer vocabulary, which tokens occur in the
+example's answer text: its transcript or caption as a bag of words. The loss
+reaches the encoders through one linear map, so they learn what a clip contains
+far faster than through a randomly initialised bridge and decoder; the LLM
+stages then start from encoders that already tell the sounds apart.
+
+Tagging batches hold one clip per example (`check_one_clip_per_example`), so
+the k-th clip of a batch (by global clip id) belongs to its k-th row with audio.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from alm_jax.errors import DataError
+from alm_jax.models import layers
+
+
+class AudioTagger(nnx.Module):
+  """Clip-pooled encoder frames → one logit per tag (vocabulary token)."""
+
+  def __init__(self, encoder_dim: int, num_tags: int, *, rngs: nnx.Rngs | None):
+    self.proj = layers.Linear(2 * encoder_dim, num_tags, in_axes=("embed",), out_axes=("vocab",), rngs=rngs)
+
+  def __call__(self, pooled: jax.Array) -> jax.Array:
+    """pooled [N, 2·C] (mean ‖ max) → logits [N, num_tags] in float32."""
+    return self.proj(pooled).astype(jnp.float32)
+
+
+def pool_clips(frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masked mean ‖ max over every valid frame of each clip: frames [W, T, C], clip [W] → ([W, 2C], has_frames [W]).
+
+  Row c of the result is clip id c (ids index windows' rows, so W segments always suffice).
+  """
+  num, _, channels = frames.shape
+  frames = frames.astype(jnp.float32)
+  weight = valid.astype(jnp.float32)[..., None]
+  segment = jnp.where(clip >= 0, clip, num)  # padding windows → an extra, dropped segment
+  sums = jax.ops.segment_sum((frames * weight).sum(1), segment, num_segments=num + 1)[:num]
+  counts = jax.ops.segment_sum(weight.sum(1), segment, num_segments=num + 1)[:num]
+  lowest = jnp.finfo(jnp.float32).min
+  window_max = jnp.where(weight > 0, frames, lowest).max(1)
+  maxes = jax.ops.segment_max(window_max, segment, num_segments=num + 1)[:num]
+  has_frames = counts[:, 0] > 0
+  mean = sums / jnp.maximum(counts, 1.0)
+  maxes = jnp.where(has_frames[:, None], maxes, 0.0)
+  return jnp.concatenate([mean, maxes], axis=-1).reshape(num, 2 * channels), has_frames
+
+
+def bag_of_words(tokens: jax.Array, loss_mask: jax.Array, num_tags: int, ignore_ids: Sequence[int]) -> jax.Array:
+  """Multi-hot [B, num_tags]: which ids occur among each row's answer tokens (`loss_mask`), minus `ignore_ids`."""
+  answer = (loss_mask > 0) & (tokens >= 0) & (tokens < num_tags)
+  for i in ignore_ids:
+    answer = answer & (tokens != i)
+  rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+  hot = jnp.zeros((tokens.shape[0], num_tags), jnp.float32)
+  return hot.at[rows, jnp.where(answer, tokens, 0)].max(answer.astype(jnp.float32))
+
+
+def clip_rows(tokens: jax.Array, clip: jax.Array, has_frames: jax.Array, placeholder_id: int) -> jax.Array:
+  """Row of each clip id [W] (-1 where there is no such clip): the k-th present clip → the k-th row with audio."""
+  num = clip.shape[0]
+  present = jnp.zeros((num,), bool).at[jnp.where(clip >= 0, clip, num)].set(True, mode="drop") & has_frames
+  rank = jnp.cumsum(present) - 1
+  audio_rows = jnp.nonzero((tokens == placeholder_id).any(-1), size=num, fill_value=-1)[0]
+  return jnp.where(present, audio_rows[jnp.clip(rank, 0, num - 1)], -1)
+
+
+def tagging_loss(logits: jax.Array, has_frames: jax.Array, batch: Mapping[str, jax.Array], placeholder_id: int,
+                 ignore_ids: Sequence[int]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Sigmoid cross-entropy summed over tags, averaged over clips; metrics include tag precision and recall."""
+  num_tags = logits.shape[-1]
+  targets = bag_of_words(batch["tokens"], batch["loss_mask"], num_tags, ignore_ids)
+  rows = clip_rows(batch["tokens"], batch["audio_clip"], has_frames, placeholder_id)
+  used = rows >= 0
+  clip_targets = jnp.where(used[:, None], targets[jnp.clip(rows, 0)], 0.0)
+  weight = used.astype(jnp.float32)
+  count = jnp.maximum(weight.sum(), 1.0)
+  per_clip = optax.sigmoid_binary_cross_entropy(logits, clip_targets).sum(-1)
+  loss = (per_clip * weight).sum() / count
+  predicted = (logits > 0) & used[:, None]
+  hits = (predicted & (clip_targets > 0)).sum()
+  exact = ((predicted == (clip_targets > 0)).all(-1) & used).sum()
+  metrics = {
+      "loss": loss,
+      "tag_precision": hits / jnp.maximum(predicted.sum(), 1),
+      "tag_recall": hits / jnp.maximum((clip_targets > 0).sum(), 1),
+      "token_accuracy": exact / count,  # clips whose whole tag set is right (the loop logs this key)
+      "target_tokens": weight.sum(),
+      "tokens": batch["token_mask"].astype(jnp.float32).sum(),
+  }
+  return loss, metrics
+
+
+def check_one_clip_per_example(batch: Mapping[str, np.ndarray], placeholder_id: int) -> None:
+  """Host-side: raises `DataError` unless every row with audio holds exactly one clip."""
+  clip = np.asarray(batch["audio_clip"])
+  clips = np.unique(clip[clip >= 0]).size
+  rows = np.asarray(batch["tokens"] == placeholder_id).any(-1)
+  if clips != int(rows.sum()):
+    ids = [int(i) for i, r in zip(np.asarray(batch.get("example_id", [])), rows) if r and i >= 0]
+    raise DataError(
+        f"batch of examples {ids[:8]}: {clips} clips in {int(rows.sum())} rows with audio; the tagging objective "
+        "needs exactly one clip per example (select single-clip tasks with data.tasks)")

@@ -1,0 +1,130 @@
+"""The audio-tagging objective: pooling per clip, clip → row mapping, bag-of-words
+targets, the one-clip check, and a tagging step that trains only the encoders."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alm_jax.errors import DataError
+from alm_jax.models import tagging
+
+AUDIO = 7  # placeholder id in these hand-made batches
+
+
+def test_pool_clips_pools_every_window_of_a_clip_and_ignores_padding():
+  rng = np.random.default_rng(0)
+  frames = rng.standard_normal((4, 5, 3)).astype(np.float32)
+  valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+  clip = np.array([0, 0, 1, -1])  # clip 0 spans two windows; the last window is padding
+  pooled, has = tagging.pool_clips(jnp.asarray(frames), jnp.asarray(valid), jnp.asarray(clip))
+  pooled, has = np.asarray(pooled), np.asarray(has)
+  np.testing.assert_array_equal(has, [True, True, False, False])
+  clip0 = np.concatenate([frames[0][valid[0]], frames[1][valid[1]]])
+  np.testing.assert_allclose(pooled[0], np.concatenate([clip0.mean(0), clip0.max(0)]), rtol=1e-6)
+  clip1 = frames[2][valid[2]]
+  np.testing.assert_allclose(pooled[1], np.concatenate([clip1.mean(0), clip1.max(0)]), rtol=1e-6)
+  np.testing.assert_array_equal(pooled[2:], 0.0)
+
+
+def test_bag_of_words_takes_answer_tokens_minus_ignored_ids():
+  tokens = np.array([[1, AUDIO, 4, 5, 5, 9, 0], [1, 2, 3, 6, 9, 0, 0]])
+  loss_mask = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0]], np.float32)
+  hot = np.asarray(tagging.bag_of_words(jnp.asarray(tokens), jnp.asarray(loss_mask), 10, ignore_ids=(9,)))
+  assert hot.shape == (2, 10)
+  assert np.flatnonzero(hot[0]).tolist() == [5]  # 4 is prompt, 9 is ignored, 5 counts once
+  assert np.flatnonzero(hot[1]).tolist() == [6]
+
+
+def test_clip_rows_skips_rows_without_audio_and_gaps_in_clip_ids():
+  # Rows 0 and 2 have audio, row 1 is text only; clip ids 0 and 4 (a second process's offset).
+  tokens = np.array([[AUDIO, AUDIO, 3], [3, 3, 3], [AUDIO, 3, 3], [0, 0, 0]])
+  clip = np.array([0, -1, -1, -1, 4, -1])
+  has = np.array([True, False, False, False, True, False])
+  rows = np.asarray(tagging.clip_rows(jnp.asarray(tokens), jnp.asarray(clip), jnp.asarray(has), AUDIO))
+  assert rows.tolist() == [0, -1, -1, -1, 2, -1]
+
+
+def test_check_one_clip_per_example_names_the_examples():
+  batch = {"tokens": np.array([[AUDIO, 1, AUDIO], [AUDIO, 2, 2]]), "audio_clip": np.array([0, 1, 2, -1]),
+           "example_id": np.array([11, 12])}
+  with pytest.raises(DataError, match=r"\[11, 12\].*one clip per example"):
+    tagging.check_one_clip_per_example(batch, AUDIO)
+  batch["audio_clip"] = np.array([0, 1, -1, -1])
+  tagging.check_one_clip_per_example(batch, AUDIO)
+
+
+def test_tagging_loss_is_zero_only_for_the_right_tags():
+  tokens = np.array([[AUDIO, 2, 5, 9], [AUDIO, 2, 6, 9]])
+  loss_mask = np.array([[0, 0, 1, 1], [0, 0, 1, 1]], np.float32)
+  batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask),
+           "token_mask": jnp.ones(tokens.shape, bool), "audio_clip": jnp.asarray([0, 1])}
+  has = jnp.asarray([True, True])
+  right = np.full((2, 10), -30.0, np.float32)
+  right[0, 5] = right[1, 6] = 30.0
+  loss, metrics = tagging.tagging_loss(jnp.asarray(right), has, batch, AUDIO, ignore_ids=(9,))
+  assert float(loss) < 1e-6 and float(metrics["token_accuracy"]) == 1.0
+  swapped = right[::-1].copy()
+  loss, metrics = tagging.tagging_loss(jnp.asarray(swapped), has, batch, AUDIO, ignore_ids=(9,))
+  assert float(loss) > 50 and float(metrics["tag_recall"]) == 0.0
+
+
+def test_tagging_step_trains_only_encoders_and_head(tiny_corpus_trainer):
+  trainer, batch = tiny_corpus_trainer
+  state = trainer.initial_state(iter([]))
+  before = {p: np.asarray(v) for p, v in {**state.trainable, **state.frozen}.items()}
+  compiled = trainer.compiled_train_step(state, batch)
+  trainable, opt_state = state.trainable, state.opt_state
+  for _ in range(2):  # the warmup's first learning rate is 0
+    trainable, opt_state, metrics = compiled(trainable, state.frozen, opt_state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["target_tokens"]) > 0
+  assert set(trainable) == {p for p in before if p.startswith(("encoder/", "tagger/"))}
+  moved = [p for p, v in trainable.items() if not np.array_equal(np.asarray(v), before[p])]
+  assert any(p.startswith("tagger/") for p in moved) and any(p.startswith("encoder/whisper") for p in moved)
+  assert any(p.startswith("encoder/beats") for p in moved)
+
+
+def test_tagging_refuses_a_stage_that_trains_more_than_the_encoders(tagging_corpus, tmp_path):
+  from alm_jax.config import ConfigError
+
+  with pytest.raises(ConfigError, match=r"config.train.stage.*llm/.*tagging"):
+    _trainer(tagging_corpus, tmp_path, "full", {})
+
+
+ENCODER_STAGE = {"encoder": [["^encoder/", True], ["^tagger/", True]]}
+
+
+@pytest.fixture(scope="module")
+def tagging_corpus(tmp_path_factory):
+  from alm_jax.data import synth
+
+  data = str(tmp_path_factory.mktemp("tagging") / "data")
+  synth.write_corpus(data, 60, seed=1)
+  return data
+
+
+def _trainer(data: str, tmp_path, stage: str, stages: dict):
+  from alm_jax.config import load_config
+  from alm_jax.run_config import validate
+  from alm_jax.train.loop import Trainer
+  from tests.helpers import TINY
+
+  config = load_config(TINY + ":micro")
+  config.data.path = data
+  config.data.batch_size = 4
+  config.data.tasks = ("caption", "transcribe")
+  config.train.stage = stage
+  config.train.stages = stages
+  config.train.objective = "tagging"
+  return Trainer(validate(config), str(tmp_path / "run"), quiet=True)
+
+
+@pytest.fixture
+def tiny_corpus_trainer(tagging_corpus, tmp_path):
+  from alm_jax.data.pipeline import make_dataset
+  from alm_jax.train.loop import _local_batch_to_global
+
+  trainer = _trainer(tagging_corpus, tmp_path, "encoder", ENCODER_STAGE)
+  local = next(iter(make_dataset(trainer.cfg.data, trainer.spec, trainer.tokenizer, split="train", seed=0)))
+  tagging.check_one_clip_per_example(local, trainer.model_cfg.audio_token_id)
+  return trainer, _local_batch_to_global(local, trainer.mesh, trainer.rules, trainer.tokenizer.pad_id)
