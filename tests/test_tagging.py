@@ -87,7 +87,7 @@ def test_tagging_step_trains_only_encoders_and_head(tiny_corpus_trainer):
 def test_tagging_refuses_a_stage_that_trains_more_than_the_encoders(tagging_corpus, tmp_path):
   from alm_jax.config import ConfigError
 
-  with pytest.raises(ConfigError, match=r"config.train.stage.*llm/.*tagging"):
+  with pytest.raises(ConfigError, match=r"config.train.stage: stage 'full' trains .*tagging"):
     _trainer(tagging_corpus, tmp_path, "full", {})
 
 
