@@ -31,7 +31,7 @@ class StagePlan:
   tasks: tuple[str, ...] = ()  # data.tasks filter (empty: everything)
   lora: bool = False
   objective: str = "lm"  # train.objective
-  window_buckets: tuple[int, ...] = ()  # data.window_buckets (empty: the config's)
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config keys set for this stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,8 @@ class DemoPlan:
 
 
 PAIR_TASKS = ("caption", "transcribe")  # one clip and its description per example
-SINGLE_WINDOW = (16,)  # a batch of 16 single-window clips needs no more windows
+PAIR_WINDOWS = {"data.window_buckets": (16,)}  # 16 single-window clips need no more windows
+NO_VALIDATION = {"train.eval_batches": 0}  # short stages: validation's compile costs more than it tells
 
 PLANS = {
     # About 11 minutes on a 2-core CPU. `encoder` and `pretrain` stand in for
@@ -57,10 +58,10 @@ PLANS = {
         examples=6000,
         batch_size=16,
         stages=(
-            StagePlan("encoder", 450, 1e-2, tasks=PAIR_TASKS, objective="tagging", window_buckets=SINGLE_WINDOW),
-            StagePlan("pretrain", 350, 2e-3, tasks=PAIR_TASKS, window_buckets=SINGLE_WINDOW),
-            StagePlan("projector", 60, 2e-3),
-            StagePlan("lora", 60, 2e-3, lora=True),
+            StagePlan("encoder", 450, 1e-2, tasks=PAIR_TASKS, objective="tagging", settings=PAIR_WINDOWS),
+            StagePlan("pretrain", 350, 2e-3, tasks=PAIR_TASKS, settings=PAIR_WINDOWS),
+            StagePlan("projector", 60, 2e-3, settings=NO_VALIDATION),
+            StagePlan("lora", 60, 2e-3, lora=True, settings=NO_VALIDATION),
             StagePlan("full", 500, 2e-3, lora=True),
         ),
     ),
@@ -103,8 +104,9 @@ def stage_config(config_path: str, plan: DemoPlan, stage: StagePlan, data_dir: s
   config.data.path = data_dir
   config.data.batch_size = plan.batch_size
   config.data.tasks = tuple(stage.tasks)
-  if stage.window_buckets:
-    config.data.window_buckets = tuple(stage.window_buckets)
+  for key, value in stage.settings.items():
+    section, _, name = key.rpartition(".")
+    config[section][name] = value
   config.train.stage = stage.name
   config.train.stages = DEMO_STAGES
   config.train.objective = stage.objective

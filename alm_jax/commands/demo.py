@@ -9,7 +9,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", default="workdir/demo", help="everything goes here; rerun to resume")
   parser.add_argument("--config", default="configs/tiny.py", help="model and training recipe")
   parser.add_argument("--scale", choices=("full", "ci"), default="full",
-                      help="full: the README numbers (~13 min on 2 CPU cores); ci: a minutes-long smoke run")
+                      help="full: the README numbers (~12.5 min on 2 CPU cores); ci: a minutes-long smoke run")
   parser.add_argument("--seed", type=int, default=0, help="corpus seed")
 
 
