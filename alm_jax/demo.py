@@ -49,7 +49,7 @@ PAIR_WINDOWS = {"data.window_buckets": (16,)}  # 16 single-window clips need no 
 NO_VALIDATION = {"train.eval_batches": 0}  # short stages: validation's compile costs more than it tells
 
 PLANS = {
-    # About 11 minutes on a 2-core CPU. `encoder` and `pretrain` stand in for
+    # About 12.5 minutes on a 2-core CPU. `encoder` and `pretrain` stand in for
     # released towers: the encoders learn on their own to tag each clip with the
     # words of its caption or transcript (as released encoders come pretrained),
     # then the bridge and decoder learn to caption and transcribe from them; the
@@ -104,9 +104,7 @@ def stage_config(config_path: str, plan: DemoPlan, stage: StagePlan, data_dir: s
   config.data.path = data_dir
   config.data.batch_size = plan.batch_size
   config.data.tasks = tuple(stage.tasks)
-  for key, value in stage.settings.items():
-    section, _, name = key.rpartition(".")
-    config[section][name] = value
+  config.update_from_flattened_dict(dict(stage.settings))
   config.train.stage = stage.name
   config.train.stages = DEMO_STAGES
   config.train.objective = stage.objective

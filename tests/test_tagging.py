@@ -39,9 +39,8 @@ def test_bag_of_words_takes_answer_tokens_minus_ignored_ids():
 def test_clip_rows_skips_rows_without_audio_and_gaps_in_clip_ids():
   # Rows 0 and 2 have audio, row 1 is text only; clip ids 0 and 4 (a second process's offset).
   tokens = np.array([[AUDIO, AUDIO, 3], [3, 3, 3], [AUDIO, 3, 3], [0, 0, 0]])
-  clip = np.array([0, -1, -1, -1, 4, -1])
   has = np.array([True, False, False, False, True, False])
-  rows = np.asarray(tagging.clip_rows(jnp.asarray(tokens), jnp.asarray(clip), jnp.asarray(has), AUDIO))
+  rows = np.asarray(tagging.clip_rows(jnp.asarray(tokens), jnp.asarray(has), AUDIO))
   assert rows.tolist() == [0, -1, -1, -1, 2, -1]
 
 

@@ -43,7 +43,7 @@ def pool_clips(frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[ja
 
   Row c of the result is clip id c (ids index windows' rows, so W segments always suffice).
   """
-  num, _, channels = frames.shape
+  num = frames.shape[0]
   frames = frames.astype(jnp.float32)
   weight = valid.astype(jnp.float32)[..., None]
   segment = jnp.where(clip >= 0, clip, num)  # padding windows → an extra, dropped segment
@@ -55,7 +55,7 @@ def pool_clips(frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[ja
   has_frames = counts[:, 0] > 0
   mean = sums / jnp.maximum(counts, 1.0)
   maxes = jnp.where(has_frames[:, None], maxes, 0.0)
-  return jnp.concatenate([mean, maxes], axis=-1).reshape(num, 2 * channels), has_frames
+  return jnp.concatenate([mean, maxes], axis=-1), has_frames
 
 
 def bag_of_words(tokens: jax.Array, loss_mask: jax.Array, num_tags: int, ignore_ids: Sequence[int]) -> jax.Array:
@@ -68,13 +68,12 @@ def bag_of_words(tokens: jax.Array, loss_mask: jax.Array, num_tags: int, ignore_
   return hot.at[rows, jnp.where(answer, tokens, 0)].max(answer.astype(jnp.float32))
 
 
-def clip_rows(tokens: jax.Array, clip: jax.Array, has_frames: jax.Array, placeholder_id: int) -> jax.Array:
-  """Row of each clip id [W] (-1 where there is no such clip): the k-th present clip → the k-th row with audio."""
-  num = clip.shape[0]
-  present = jnp.zeros((num,), bool).at[jnp.where(clip >= 0, clip, num)].set(True, mode="drop") & has_frames
-  rank = jnp.cumsum(present) - 1
+def clip_rows(tokens: jax.Array, has_frames: jax.Array, placeholder_id: int) -> jax.Array:
+  """Row of each clip id [W] (-1 where there is no such clip): the k-th clip with frames → the k-th row with audio."""
+  num = has_frames.shape[0]
+  rank = jnp.cumsum(has_frames) - 1
   audio_rows = jnp.nonzero((tokens == placeholder_id).any(-1), size=num, fill_value=-1)[0]
-  return jnp.where(present, audio_rows[jnp.clip(rank, 0, num - 1)], -1)
+  return jnp.where(has_frames, audio_rows[jnp.clip(rank, 0, num - 1)], -1)
 
 
 def tagging_loss(logits: jax.Array, has_frames: jax.Array, batch: Mapping[str, jax.Array], placeholder_id: int,
@@ -82,7 +81,7 @@ def tagging_loss(logits: jax.Array, has_frames: jax.Array, batch: Mapping[str, j
   """Sigmoid cross-entropy summed over tags, averaged over clips; metrics include tag precision and recall."""
   num_tags = logits.shape[-1]
   targets = bag_of_words(batch["tokens"], batch["loss_mask"], num_tags, ignore_ids)
-  rows = clip_rows(batch["tokens"], batch["audio_clip"], has_frames, placeholder_id)
+  rows = clip_rows(batch["tokens"], has_frames, placeholder_id)
   used = rows >= 0
   clip_targets = jnp.where(used[:, None], targets[jnp.clip(rows, 0)], 0.0)
   weight = used.astype(jnp.float32)

@@ -37,7 +37,7 @@ from alm_jax.train.metrics import MetricsWriter, format_scalars
 from alm_jax.train.optimizer import abstract_opt_state, cast_for_compute, learning_rate_at, make_optimizer
 from alm_jax.train.params import Flat, ParamLayout, count
 from alm_jax.train.pretrained import load_pretrained_towers
-from alm_jax.train.step import make_eval_step, make_train_step
+from alm_jax.train.step import make_eval_step, make_train_step, model_config_for
 
 log = logging.getLogger("alm_jax.train")
 
@@ -117,9 +117,8 @@ class Trainer:
     self.rules = cfg.mesh.logical_rules
     self.tokenizer = load_tokenizer(cfg.data, template or cfg.data.template)
     self.model_cfg = resolve_model_config(cfg.model, self.tokenizer)
-    self.objective = cfg.train.objective
-    if self.objective == "tagging":  # the head exists only while the encoders pretrain on their own
-      self.model_cfg = dataclasses.replace(self.model_cfg, tagging_head=True)
+    self.objective = cfg.train.objective  # `tagging`: the head exists only while the encoders pretrain alone
+    self.model_cfg = model_config_for(self.model_cfg, self.objective)
     # Special tokens end answers but are not words a clip can be tagged with.
     self.ignore_tag_ids = tuple(sorted({i for i in (self.tokenizer.end_of_turn_id, self.tokenizer.eos_id,
                                                     self.tokenizer.pad_id) if i is not None}))

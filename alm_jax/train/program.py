@@ -21,7 +21,7 @@ from alm_jax.run_config import RunConfig
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.optimizer import abstract_opt_state, make_optimizer
 from alm_jax.train.params import ParamLayout
-from alm_jax.train.step import make_train_step
+from alm_jax.train.step import make_train_step, model_config_for
 
 BATCH_DTYPES = {"tokens": jnp.int32, "token_mask": jnp.bool_, "loss_mask": jnp.float32, "audio": jnp.float32,
                 "audio_samples": jnp.int32, "audio_clip": jnp.int32}
@@ -49,8 +49,7 @@ def abstract_train_program(cfg: RunConfig, mesh: Mesh, rules: Rules, *, process_
   model_cfg = cfg.model
   if model_cfg.audio_token_id < 0:  # shapes only: any id will do
     model_cfg = dataclasses.replace(model_cfg, audio_token_id=0)
-  if cfg.train.objective == "tagging":
-    model_cfg = dataclasses.replace(model_cfg, tagging_head=True)
+  model_cfg = model_config_for(model_cfg, cfg.train.objective)
   layout = ParamLayout(lambda rngs: AudioLanguageModel(model_cfg, rngs=rngs))
   layout.check_divisible(mesh, rules)
   mask = stages_lib.trainable_mask(layout.abstract, cfg.train.stage_config)

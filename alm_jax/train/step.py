@@ -11,6 +11,7 @@ anything bad.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -19,6 +20,11 @@ import optax
 
 from alm_jax.train.optimizer import cast_for_compute
 from alm_jax.train.params import Flat, ParamLayout
+
+
+def model_config_for(model_cfg: Any, objective: str) -> Any:
+  """The ALM config an objective trains: `tagging` adds the tagging head (`models/tagging.py`)."""
+  return dataclasses.replace(model_cfg, tagging_head=True) if objective == "tagging" else model_cfg
 
 
 def _loss_fn(layout: ParamLayout, compute_dtype: Any, objective: str, ignore_ids: Sequence[int]) -> Callable:
