@@ -39,8 +39,8 @@ class ModelBundle:
 
 
 def run_directory(path: str) -> str:
-  """The run directory (the one holding `checkpoints/` and `tokenizer.json`) of any checkpoint path."""
-  path = os.path.abspath(path)
+  """The run directory (the one holding `checkpoints/` and `tokenizer.json`) of any checkpoint path (absolute)."""
+  path = str(ckpt_lib.absolute(path))
   probe = path
   while probe and probe != os.path.dirname(probe):
     if os.path.isdir(os.path.join(probe, "checkpoints")) or os.path.isfile(os.path.join(probe, TOKENIZER_FILE)):
@@ -68,8 +68,10 @@ def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = No
 
   `overrides` replace model config fields that do not change parameter
   shapes (e.g. `{"llm": {...remat...}}` is not supported; keep it to flat
-  fields such as `trim_padding`).
+  fields such as `trim_padding`). `path` may be relative to the current
+  directory or start with `~`; `ModelBundle.source` is its absolute form.
   """
+  path = str(ckpt_lib.absolute(path))
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint")
   metadata = ckpt_lib.read_metadata(path)

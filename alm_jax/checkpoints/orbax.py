@@ -14,6 +14,8 @@ Orbax writes into a temporary directory and renames it when complete, so a
 run killed mid-save never leaves a half-written step that `latest_step` or
 `restore` would pick up. Restores take abstract trees (`jax.ShapeDtypeStruct`
 with `sharding=`), so a checkpoint written on one mesh loads onto any other.
+Every function here takes paths relative to the current directory (or `~/...`)
+and makes them absolute before Orbax sees them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import re
 import signal
 import threading
@@ -93,9 +96,20 @@ class Restored:
 # Locating checkpoints.
 
 
+def absolute(path: epath.PathLike) -> epath.Path:
+  """`path` with `~` expanded and made absolute; Orbax refuses relative paths.
+
+  Remote paths (`gs://...`) are returned as they are.
+  """
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def checkpoint_dir(path: epath.PathLike) -> epath.Path:
   """`W/checkpoints` for a workdir `W` that has one, else `path` itself."""
-  path = epath.Path(path)
+  path = absolute(path)
   return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
@@ -111,7 +125,7 @@ def _finalized_steps(directory: epath.Path) -> list[int]:
 
 def has_checkpoint(workdir: epath.PathLike) -> bool:
   """True if `workdir` (or its `checkpoints/`) holds at least one finalized step."""
-  path = epath.Path(workdir)
+  path = absolute(workdir)
   if _is_step_dir(path):
     return True
   return bool(_finalized_steps(checkpoint_dir(path)))
@@ -119,7 +133,7 @@ def has_checkpoint(workdir: epath.PathLike) -> bool:
 
 def _locate(path: epath.PathLike, step: int | None) -> tuple[epath.Path, int]:
   """(checkpoints directory, step) for a workdir, a checkpoints dir or a step dir."""
-  path = epath.Path(path)
+  path = absolute(path)
   if _is_step_dir(path) and step is None:
     return path.parent, int(path.name)
   directory = checkpoint_dir(path)
@@ -291,9 +305,10 @@ class TrainCheckpointer:
 
   def __init__(self, directory: epath.PathLike, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
     """`read_only` opens an existing directory to read: no directory is created and
-    no leftover temporary directories are removed (a run may be writing there)."""
+    no leftover temporary directories are removed (a run may be writing there).
+    `directory` may be relative or start with `~` (see `absolute`)."""
     self.cfg = cfg or CheckpointConfig()
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self.read_only = read_only
     metric = self.cfg.best_metric
     options = ocp.CheckpointManagerOptions(

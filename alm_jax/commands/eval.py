@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from alm_jax import distributed
 
@@ -31,9 +32,12 @@ def run(args: argparse.Namespace) -> int:
   from alm_jax.infer.alm_generate import ALMGenerator  # pylint: disable=import-outside-toplevel
 
   max_new = args.max_new_tokens * (4 if args.think else 1)
-  generator = ALMGenerator(load_bundle(args.ckpt), max_new_tokens=max_new, batch_size=args.batch_size)
-  options = EvalOptions(checkpoint=args.ckpt, batch_size=args.batch_size, think=args.think, limit=args.limit)
-  report = run_eval(ALMPredictor(generator), args.benchmark, args.data, args.audio_root, args.out, options)
+  bundle = load_bundle(args.ckpt)
+  generator = ALMGenerator(bundle, max_new_tokens=max_new, batch_size=args.batch_size)
+  # Saved predictions name the checkpoint absolutely, so `--ckpt run` and `--ckpt ./run` resume alike.
+  options = EvalOptions(checkpoint=bundle.source, batch_size=args.batch_size, think=args.think, limit=args.limit)
+  data, audio_root, out = (os.path.expanduser(p) if p else p for p in (args.data, args.audio_root, args.out))
+  report = run_eval(ALMPredictor(generator), args.benchmark, data, audio_root, out, options)
   if report is not None:
     print(report_lib.summary(report))
     print(f"report: {args.out}")

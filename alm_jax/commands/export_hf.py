@@ -59,9 +59,9 @@ def export_hf(ckpt: str, out: str, *, family: str = "auto", max_shard_bytes: int
   from alm_jax.checkpoints import bundle as bundle_lib  # pylint: disable=import-outside-toplevel
   from alm_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
 
+  ckpt = str(ckpt_lib.absolute(ckpt))  # relative to the current directory or `~/...`
   if not os.path.exists(ckpt):
     raise CheckpointError(f"{ckpt}: no such checkpoint")
-  ckpt = os.path.abspath(ckpt)  # Orbax needs absolute paths
   metadata = ckpt_lib.read_metadata(ckpt)
   config = metadata.config or {}
   if "tower" in config:

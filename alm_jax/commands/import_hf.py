@@ -103,9 +103,9 @@ def import_hf(src: str, out: str, *, family: str = "auto", max_windows: int | No
   from alm_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
   from alm_jax.train.params import count  # pylint: disable=import-outside-toplevel
 
+  src, out = os.path.expanduser(src), str(ckpt_lib.absolute(out))  # relative to the current directory or `~/...`
   if not os.path.isdir(src):
     raise CheckpointError(f"{src}: not a folder")
-  out = os.path.abspath(out)  # Orbax needs absolute paths
   if ckpt_lib.has_checkpoint(out):
     raise CheckpointError(f"{out}: already holds a checkpoint; choose a new directory")
   detected, hf_config = hf_alm.read_family(src, family)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from alm_jax import distributed
 
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
   distributed.initialize_from_args(args)
   from alm_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
 
-  result = Trainer(cfg, args.workdir).run()
+  result = Trainer(cfg, os.path.expanduser(args.workdir)).run()  # relative paths start at the current directory
   if distributed.is_main_process() and result:
     print(f"done: step {result.get('step')} loss {result.get('loss', float('nan')):.4f}; "
           f"checkpoints in {args.workdir}/checkpoints, TensorBoard logs in {args.workdir}/tensorboard")
