@@ -1,5 +1,4 @@
-"""The audio-tagging objective: pooling per clip, clip → row mapping, bag-of-words
-targets, the one-clip check, and a tagging step that trains only the encoders."""
+"""The audio-tagging objective: pooling each row's clip, bag-of-words targets, the one-clip check, and a tagging step that trains only the encoders."""
 
 import jax
 import jax.numpy as jnp
@@ -12,19 +11,21 @@ from alm_jax.models import tagging
 AUDIO = 7  # placeholder id in these hand-made batches
 
 
-def test_pool_clips_pools_every_window_of_a_clip_and_ignores_padding():
+def test_pool_rows_pools_every_window_of_a_row_and_ignores_padding():
   rng = np.random.default_rng(0)
-  frames = rng.standard_normal((4, 5, 3)).astype(np.float32)
-  valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
-  clip = np.array([0, 0, 1, -1])  # clip 0 spans two windows; the last window is padding
-  pooled, has = tagging.pool_clips(jnp.asarray(frames), jnp.asarray(valid), jnp.asarray(clip))
+  frames = rng.standard_normal((3, 2, 5, 3)).astype(np.float32)  # 3 rows x 2 window slots
+  valid = np.ones((3, 2, 5), bool)
+  valid[0, 0, 3:] = False
+  valid[1, 0, 2:] = False
+  clip = np.array([[0, 0], [0, -1], [-1, -1]])  # row 0: one clip over two windows; row 2: no audio
+  pooled, has = tagging.pool_rows(jnp.asarray(frames), jnp.asarray(valid), jnp.asarray(clip))
   pooled, has = np.asarray(pooled), np.asarray(has)
-  np.testing.assert_array_equal(has, [True, True, False, False])
-  clip0 = np.concatenate([frames[0][valid[0]], frames[1][valid[1]]])
-  np.testing.assert_allclose(pooled[0], np.concatenate([clip0.mean(0), clip0.max(0)]), rtol=1e-6)
-  clip1 = frames[2][valid[2]]
-  np.testing.assert_allclose(pooled[1], np.concatenate([clip1.mean(0), clip1.max(0)]), rtol=1e-6)
-  np.testing.assert_array_equal(pooled[2:], 0.0)
+  np.testing.assert_array_equal(has, [True, True, False])
+  row0 = np.concatenate([frames[0, 0][valid[0, 0]], frames[0, 1][valid[0, 1]]])
+  np.testing.assert_allclose(pooled[0], np.concatenate([row0.mean(0), row0.max(0)]), rtol=1e-6)
+  row1 = frames[1, 0][valid[1, 0]]  # the padding slot's frames are left out
+  np.testing.assert_allclose(pooled[1], np.concatenate([row1.mean(0), row1.max(0)]), rtol=1e-6)
+  np.testing.assert_array_equal(pooled[2], 0.0)
 
 
 def test_bag_of_words_takes_answer_tokens_minus_ignored_ids():
@@ -36,20 +37,12 @@ def test_bag_of_words_takes_answer_tokens_minus_ignored_ids():
   assert np.flatnonzero(hot[1]).tolist() == [6]
 
 
-def test_clip_rows_skips_rows_without_audio_and_gaps_in_clip_ids():
-  # Rows 0 and 2 have audio, row 1 is text only; clip ids 0 and 4 (a second process's offset).
-  tokens = np.array([[AUDIO, AUDIO, 3], [3, 3, 3], [AUDIO, 3, 3], [0, 0, 0]])
-  has = np.array([True, False, False, False, True, False])
-  rows = np.asarray(tagging.clip_rows(jnp.asarray(tokens), jnp.asarray(has), AUDIO))
-  assert rows.tolist() == [0, -1, -1, -1, 2, -1]
-
-
 def test_check_one_clip_per_example_names_the_examples():
-  batch = {"tokens": np.array([[AUDIO, 1, AUDIO], [AUDIO, 2, 2]]), "audio_clip": np.array([0, 1, 2, -1]),
-           "example_id": np.array([11, 12])}
-  with pytest.raises(DataError, match=r"\[11, 12\].*one clip per example"):
+  batch = {"tokens": np.array([[AUDIO, 1, AUDIO], [AUDIO, 2, 2], [3, 3, 3]]),
+           "audio_clip": np.array([[0, 1], [0, -1], [-1, -1]]), "example_id": np.array([11, 12, 13])}
+  with pytest.raises(DataError, match=r"\[11\].*one clip per example"):
     tagging.check_one_clip_per_example(batch, AUDIO)
-  batch["audio_clip"] = np.array([0, 1, -1, -1])
+  batch["audio_clip"] = np.array([[0, 0], [0, -1], [-1, -1]])  # one clip over two windows is fine
   tagging.check_one_clip_per_example(batch, AUDIO)
 
 
@@ -57,7 +50,7 @@ def test_tagging_loss_is_zero_only_for_the_right_tags():
   tokens = np.array([[AUDIO, 2, 5, 9], [AUDIO, 2, 6, 9]])
   loss_mask = np.array([[0, 0, 1, 1], [0, 0, 1, 1]], np.float32)
   batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask),
-           "token_mask": jnp.ones(tokens.shape, bool), "audio_clip": jnp.asarray([0, 1])}
+           "token_mask": jnp.ones(tokens.shape, bool), "audio_clip": jnp.asarray([[0], [0]])}
   has = jnp.asarray([True, True])
   right = np.full((2, 10), -30.0, np.float32)
   right[0, 5] = right[1, 6] = 30.0

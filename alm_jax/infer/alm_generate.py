@@ -92,8 +92,8 @@ class ALMGenerator:
                        "window_samples": np.asarray(samples, np.int32), "window_clip": np.asarray(clip_ids, np.int32),
                        "clips": len(order)})
     length = bucket_length(max(e["tokens"].size for e in examples), self.length_bucket)
-    windows = sum(len(e["window_samples"]) for e in examples)
-    windows = max(self.batch_size, 1 << max(0, windows - 1).bit_length())  # power-of-two window bucket
+    windows = max(len(e["window_samples"]) for e in examples)
+    windows = 1 << max(0, windows - 1).bit_length()  # window slots per row: a power-of-two bucket
     batch = collate(examples, self.batch_size, length, windows, self.spec, self.tokenizer.pad_id)
     check_audio_slots(batch, self.spec, self.bundle.config.audio_token_id)
     return batch

@@ -225,29 +225,38 @@ class Bridge(nnx.Module):
     self.qformer = QFormer(cfg.bridge.qformer, rngs=rngs) if cfg.bridge.kind == "qformer" else None
 
   def __call__(self, frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """frames [W, T, C] of windows belonging to `clip` [W] → (tokens [N, M, D], valid [N, M]).
+    """frames [B·K, T, C] of the windows in each row's K slots, whose clips are `clip` [B, K] →
+    (tokens [B, N, D], valid [B, N]), each row's tokens in placeholder order.
 
-    Rows are windows (per-window bridges) or clips (global Q-former), in
-    placeholder order; invalid tokens are skipped when splicing.
+    Per-window bridges give K·(tokens per window) per row; the global Q-former
+    gives `queries` tokens per clip, K clip slots per row. Invalid tokens are
+    skipped when splicing.
     """
-    in_use = clip >= 0
+    rows, slots = clip.shape
+    in_use = (clip >= 0).reshape(-1)
     if not self.cfg.trim_padding:  # SALMONN: every frame of a used window becomes tokens
       valid = jnp.ones_like(valid)
     valid = valid & in_use[:, None]
     if self.mlp is not None:
-      return self.mlp(frames), valid
-    if self.qformer.cfg.mode == "window":
-      return self.qformer(frames, valid)
-    grouped, grouped_valid = group_windows_by_clip(frames, valid, clip, self.cfg.audio.max_windows)
-    return self.qformer(grouped, grouped_valid, segment=frames.shape[1])
+      tokens, valid = self.mlp(frames), valid
+    elif self.qformer.cfg.mode == "window":
+      tokens, valid = self.qformer(frames, valid)
+    else:
+      length, channels = frames.shape[1:]
+      group = jax.vmap(group_windows_by_clip, in_axes=(0, 0, 0, None))
+      grouped, grouped_valid = group(frames.reshape(rows, slots, length, channels), valid.reshape(rows, slots, length),
+                                     clip, self.cfg.audio.max_windows)
+      grouped = grouped.reshape(rows * slots, *grouped.shape[2:])
+      tokens, valid = self.qformer(grouped, grouped_valid.reshape(rows * slots, -1), segment=length)
+    return tokens.reshape(rows, -1, tokens.shape[-1]), valid.reshape(rows, -1)
 
 
 def group_windows_by_clip(
     frames: jax.Array, valid: jax.Array, clip: jax.Array, max_windows: int
 ) -> tuple[jax.Array, jax.Array]:
-  """[W, T, C] windows → [W, max_windows·T, C] rows of whole clips (row c = clip c).
+  """One row's [K, T, C] windows → [K, max_windows·T, C] whole clips (slot c = the row's clip c).
 
-  A clip's windows are consecutive rows of `frames`; padding windows have clip -1.
+  A clip's windows are consecutive slots; padding slots have clip -1.
   """
   num, length, channels = frames.shape
   index = jnp.arange(num)
@@ -260,44 +269,47 @@ def group_windows_by_clip(
   return grouped.reshape(num, max_windows * length, channels), grouped_valid.reshape(num, max_windows * length)
 
 
+def _splice_row(embeddings: jax.Array, tokens: jax.Array, audio: jax.Array, valid: jax.Array,
+                placeholder_id: int) -> jax.Array:
+  """One row: embeddings [L, D], tokens [L], audio [N, D], valid [N]."""
+  total = valid.shape[0]
+  order = jnp.nonzero(valid, size=total, fill_value=total - 1)[0]
+  is_slot = tokens == placeholder_id
+  rank = jnp.cumsum(is_slot) - 1
+  gathered = audio[order[jnp.clip(rank, 0, total - 1)]]
+  return jnp.where(is_slot[:, None], gathered, embeddings)
+
+
 def splice_audio(
     embeddings: jax.Array, tokens: jax.Array, audio: jax.Array, audio_valid: jax.Array, placeholder_id: int
 ) -> jax.Array:
-  """Writes the valid audio tokens, in order, into the placeholder slots.
+  """Writes each row's valid audio tokens, in order, into that row's placeholder slots.
 
-  embeddings [B, L, D], tokens [B, L]; audio [N, M, D] with audio_valid [N, M].
-  The k-th placeholder of the batch (row-major) receives the k-th valid audio
-  token. Counts are checked on the host (`check_audio_slots`).
+  embeddings [B, L, D], tokens [B, L]; audio [B, N, D] with audio_valid [B, N].
+  The k-th placeholder of a row receives the row's k-th valid audio token: the
+  splice is row-local (a vmap over rows), so a row sharded onto a device needs
+  nothing from other rows. Counts are checked on the host (`check_audio_slots`).
   """
-  batch, length, dim = embeddings.shape
-  flat_audio = audio.reshape(-1, dim).astype(embeddings.dtype)
-  flat_valid = audio_valid.reshape(-1)
-  total = flat_valid.shape[0]
-  order = jnp.nonzero(flat_valid, size=total, fill_value=total - 1)[0]
-  is_slot = tokens == placeholder_id
-  rank = jnp.cumsum(is_slot.reshape(-1)) - 1
-  source = order[jnp.clip(rank, 0, total - 1)]
-  gathered = flat_audio[source].reshape(batch, length, dim)
-  return jnp.where(is_slot[..., None], gathered, embeddings)
+  splice = jax.vmap(_splice_row, in_axes=(0, 0, 0, 0, None))
+  return splice(embeddings, tokens, audio.astype(embeddings.dtype), audio_valid, placeholder_id)
 
 
 def check_audio_slots(batch: Mapping[str, np.ndarray], spec: AudioTokenSpec, placeholder_id: int) -> None:
-  """Raises `DataError` unless the batch's placeholder count equals what its clips give.
+  """Raises `DataError` unless every row's placeholder count equals what its clips give.
 
   Runs on the host on numpy arrays; `example_id`s name the offending rows.
   """
   clip = np.asarray(batch["audio_clip"])
   samples = np.asarray(batch["audio_samples"])
-  expected = 0
-  for c in np.unique(clip[clip >= 0]):
-    expected += num_audio_tokens(int(samples[clip == c].sum()), spec)
-  found = int((np.asarray(batch["tokens"]) == placeholder_id).sum())
-  if found != expected:
-    ids = [int(i) for i in np.asarray(batch.get("example_id", [])) if i >= 0]
-    raise DataError(
-        f"batch of examples {ids[:8]}: {found} audio placeholder tokens but the clips give {expected} "
-        "(tokenizer and model disagree on audio_slots)"
-    )
+  found = (np.asarray(batch["tokens"]) == placeholder_id).sum(-1)
+  ids = np.asarray(batch.get("example_id", np.full(len(found), -1)))
+  for row in range(len(found)):
+    expected = sum(num_audio_tokens(int(samples[row][clip[row] == c].sum()), spec)
+                   for c in np.unique(clip[row][clip[row] >= 0]))
+    if found[row] != expected:
+      raise DataError(
+          f"example {int(ids[row]) if row < len(ids) else -1} (batch row {row}): {int(found[row])} audio placeholder "
+          f"tokens but its clips give {expected} (tokenizer and model disagree on audio_slots)")
 
 
 class AudioLanguageModel(nnx.Module):
@@ -310,10 +322,15 @@ class AudioLanguageModel(nnx.Module):
     self.llm = LLM(cfg.llm, rngs=rngs)
     self.tagger = tagging.AudioTagger(cfg.encoder_dim, cfg.llm.vocab_size, rngs=rngs) if cfg.tagging_head else None
 
+  def encode(self, audio: jax.Array, samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's window slots audio [B, K, S], samples [B, K] → frames [B·K, T, C], valid [B·K, T]."""
+    rows, slots, width = audio.shape
+    audio = constrain(audio.reshape(rows * slots, width), ("batch", None))
+    return self.encoder(audio, samples.reshape(rows * slots))
+
   def audio_tokens(self, audio: jax.Array, samples: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """PCM windows → LLM-width audio tokens [N, M, D] and their validity [N, M]."""
-    audio = constrain(audio, ("batch", None))
-    frames, valid = self.encoder(audio, samples)
+    """Per-row window slots (audio [B, K, S]) → each row's LLM-width audio tokens [B, N, D] and validity [B, N]."""
+    frames, valid = self.encode(audio, samples)
     return self.bridge(frames, valid, clip)
 
   def input_embeddings(self, batch: Batch) -> jax.Array:
@@ -350,7 +367,8 @@ class AudioLanguageModel(nnx.Module):
     """Encoders + tagging head only: each clip's answer-text tokens as tags (see `tagging.py`)."""
     if self.tagger is None:
       raise ValueError("tagging_loss needs a model built with tagging_head=True")
-    audio = constrain(batch["audio"], ("batch", None))
-    frames, valid = self.encoder(audio, batch["audio_samples"])
-    pooled, has_frames = tagging.pool_clips(frames, valid, batch["audio_clip"])
+    frames, valid = self.encode(batch["audio"], batch["audio_samples"])
+    clip = batch["audio_clip"]
+    frames = frames.reshape(*clip.shape, *frames.shape[1:])
+    pooled, has_frames = tagging.pool_rows(frames, valid.reshape(*clip.shape, -1), clip)
     return tagging.tagging_loss(self.tagger(pooled), has_frames, batch, self.cfg.audio_token_id, ignore_ids)

@@ -9,8 +9,9 @@ reaches the encoders through one linear map, so they learn what a clip contains
 far faster than through a randomly initialised bridge and decoder; the LLM
 stages then start from encoders that already tell the sounds apart.
 
-Tagging batches hold one clip per example (`check_one_clip_per_example`), so
-the k-th clip of a batch (by global clip id) belongs to its k-th row with audio.
+Tagging batches hold one clip per example (`check_one_clip_per_example`): a
+row's windows all belong to its one clip, so pooling a row's windows pools its
+clip, with no lookup across rows.
 """
 
 from __future__ import annotations
@@ -38,20 +39,15 @@ class AudioTagger(nnx.Module):
     return self.proj(pooled).astype(jnp.float32)
 
 
-def pool_clips(frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Masked mean ‖ max over every valid frame of each clip: frames [W, T, C], clip [W] → ([W, 2C], has_frames [W]).
-
-  Row c of the result is clip id c (ids index windows' rows, so W segments always suffice).
-  """
-  num = frames.shape[0]
+def pool_rows(frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masked mean ‖ max over every valid frame of each row's windows: frames [B, K, T, C], clip [B, K] →
+  ([B, 2C], has_frames [B]). Padding windows (clip -1) are left out."""
   frames = frames.astype(jnp.float32)
-  weight = valid.astype(jnp.float32)[..., None]
-  segment = jnp.where(clip >= 0, clip, num)  # padding windows → an extra, dropped segment
-  sums = jax.ops.segment_sum((frames * weight).sum(1), segment, num_segments=num + 1)[:num]
-  counts = jax.ops.segment_sum(weight.sum(1), segment, num_segments=num + 1)[:num]
+  weight = (valid & (clip >= 0)[..., None]).astype(jnp.float32)[..., None]  # [B, K, T, 1]
+  sums = (frames * weight).sum((1, 2))
+  counts = weight.sum((1, 2))
   lowest = jnp.finfo(jnp.float32).min
-  window_max = jnp.where(weight > 0, frames, lowest).max(1)
-  maxes = jax.ops.segment_max(window_max, segment, num_segments=num + 1)[:num]
+  maxes = jnp.where(weight > 0, frames, lowest).max((1, 2))
   has_frames = counts[:, 0] > 0
   mean = sums / jnp.maximum(counts, 1.0)
   maxes = jnp.where(has_frames[:, None], maxes, 0.0)
@@ -68,22 +64,16 @@ def bag_of_words(tokens: jax.Array, loss_mask: jax.Array, num_tags: int, ignore_
   return hot.at[rows, jnp.where(answer, tokens, 0)].max(answer.astype(jnp.float32))
 
 
-def clip_rows(tokens: jax.Array, has_frames: jax.Array, placeholder_id: int) -> jax.Array:
-  """Row of each clip id [W] (-1 where there is no such clip): the k-th clip with frames → the k-th row with audio."""
-  num = has_frames.shape[0]
-  rank = jnp.cumsum(has_frames) - 1
-  audio_rows = jnp.nonzero((tokens == placeholder_id).any(-1), size=num, fill_value=-1)[0]
-  return jnp.where(has_frames, audio_rows[jnp.clip(rank, 0, num - 1)], -1)
-
-
 def tagging_loss(logits: jax.Array, has_frames: jax.Array, batch: Mapping[str, jax.Array], placeholder_id: int,
                  ignore_ids: Sequence[int]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Sigmoid cross-entropy summed over tags, averaged over clips; metrics include tag precision and recall."""
+  """Sigmoid cross-entropy summed over tags, averaged over clips; metrics include tag precision and recall.
+
+  logits [B, num_tags] and has_frames [B] are per row (one clip per row).
+  """
   num_tags = logits.shape[-1]
   targets = bag_of_words(batch["tokens"], batch["loss_mask"], num_tags, ignore_ids)
-  rows = clip_rows(batch["tokens"], has_frames, placeholder_id)
-  used = rows >= 0
-  clip_targets = jnp.where(used[:, None], targets[jnp.clip(rows, 0)], 0.0)
+  used = has_frames & (batch["tokens"] == placeholder_id).any(-1)
+  clip_targets = jnp.where(used[:, None], targets, 0.0)
   weight = used.astype(jnp.float32)
   count = jnp.maximum(weight.sum(), 1.0)
   per_clip = optax.sigmoid_binary_cross_entropy(logits, clip_targets).sum(-1)
@@ -103,12 +93,13 @@ def tagging_loss(logits: jax.Array, has_frames: jax.Array, batch: Mapping[str, j
 
 
 def check_one_clip_per_example(batch: Mapping[str, np.ndarray], placeholder_id: int) -> None:
-  """Host-side: raises `DataError` unless every row with audio holds exactly one clip."""
+  """Host-side: raises `DataError` unless every row with audio holds exactly one clip (clip id 0 only)."""
   clip = np.asarray(batch["audio_clip"])
-  clips = np.unique(clip[clip >= 0]).size
   rows = np.asarray(batch["tokens"] == placeholder_id).any(-1)
-  if clips != int(rows.sum()):
-    ids = [int(i) for i, r in zip(np.asarray(batch.get("example_id", [])), rows) if r and i >= 0]
+  clips = np.asarray([np.unique(c[c >= 0]).size for c in clip])
+  bad = (clips != rows.astype(int)) | (clip.max(-1) > 0)
+  if bad.any():
+    ids = [int(i) for i, b in zip(np.asarray(batch.get("example_id", [])), bad) if b and i >= 0]
     raise DataError(
-        f"batch of examples {ids[:8]}: {clips} clips in {int(rows.sum())} rows with audio; the tagging objective "
+        f"batch of examples {ids[:8]}: {int(clips[bad].max())} clips in a row; the tagging objective "
         "needs exactly one clip per example (select single-clip tasks with data.tasks)")
