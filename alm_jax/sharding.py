@@ -9,14 +9,19 @@ state already sharded (`jax.eval_shape` + `jax.jit(out_shardings=...)`), places
 host arrays from imported checkpoints shard by shard, and refuses meshes or
 rule tables that cannot work before anything is compiled.
 
+Parameters themselves are laid out by `alm_jax.train.params.ParamLayout` (flat
+path dicts, one `NamedSharding` per path from the rules here); that is the one
+parameter API training, checkpoints, inference and `alm-jax compile` share.
+
 Typical use (single- or multi-process alike)::
 
   mesh_config = sharding.mesh_config_from(config.mesh)
   mesh = sharding.make_mesh(mesh_config)
   rules = mesh_config.logical_rules
-  graphdef, params = sharding.init_model(lambda rngs: Model(cfg, rngs=rngs), mesh, rules, nnx.Param)
-  opt_state = sharding.sharded_init(tx.init, params, mesh=mesh, rules=rules)
-  sharding.assert_params_sufficiently_sharded(params, mesh, rules)
+  layout = ParamLayout(lambda rngs: Model(cfg, rngs=rngs))
+  sharding.assert_params_sufficiently_sharded(layout.abstract_sharded(mesh, rules), mesh,
+                                              mesh_config.sharding_tolerance)
+  params = layout.init(seed, mesh, rules)
 """
 
 from __future__ import annotations
@@ -24,15 +29,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from alm_jax.config import ConfigError, from_dict, require
-from alm_jax.errors import CheckpointError
 from alm_jax.models import partitioning
 from alm_jax.models.partitioning import LOGICAL_AXES, Rules, logical_to_spec
 
@@ -77,7 +80,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def _normalise_target(key: str, target: Any) -> str | tuple[str, ...] | None:
   """Checks one rule target: None, a mesh axis name, or a sequence of them."""
-  if target is None or target == "" or target == ():
+  # `--config.mesh.rules.embed=None` reaches us as the string "None" (the key's type is locked to str).
+  if target is None or target in ("", "None", "none") or target == ():
     return None
   names = (target,) if isinstance(target, str) else target
   if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
@@ -236,61 +240,8 @@ def make_mesh(config: MeshConfig | Mapping[str, Any] | None = None, devices: Seq
   return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-# ----------------------------------------------------------------------------
-# Logical axes -> shardings for whole trees.
-
-
-def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _value(x: Any) -> Any:
-  return x.get_value() if _is_variable(x) else x
-
-
-def axes_of(leaf: Any) -> tuple[str | None, ...] | None:
-  """The logical axes recorded on an `nnx.Variable` (`out_sharding` metadata), else None."""
-  if not _is_variable(leaf):
-    return None
-  axes = leaf.get_metadata().get("out_sharding")
-  return tuple(axes) if axes is not None else None
-
-
-def _leaf_spec(leaf: Any, rules: Rules) -> PartitionSpec:
-  axes = axes_of(leaf)
-  value = _value(leaf)
-  ndim = len(getattr(value, "shape", ()))
-  if axes is None:
-    return PartitionSpec()  # unannotated leaves (step counters, RNG keys) are replicated
-  if len(axes) != ndim:
-    raise ValueError(f"leaf of shape {value.shape} is annotated with {len(axes)} logical axes {axes}")
-  return logical_to_spec(axes, rules)
-
-
-def partition_specs(tree: Any, rules: Rules) -> Any:
-  """A `PartitionSpec` for every array leaf of `tree`, from the logical axes on its `nnx.Variable`s.
-
-  The tree keeps its `Variable` nodes (as `nnx.get_partition_spec` does), so the
-  result matches `tree` as jit in/out shardings. Leaves without logical axes
-  are replicated. Works on concrete and abstract (`eval_shape`) trees, and on
-  optimizer state, whose moments keep the parameters' `Variable` wrappers.
-  """
-
-  def spec(x):
-    if _is_variable(x):
-      return x.replace(_leaf_spec(x, rules))
-    return PartitionSpec() if hasattr(x, "shape") else None
-
-  return jax.tree.map(spec, tree, is_leaf=_is_variable)
-
-
-def named_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """`NamedSharding`s on `mesh` for every array leaf of `tree` (see `partition_specs`)."""
-  return jax.tree.map(lambda p: NamedSharding(mesh, p), partition_specs(tree, rules))
-
-
 def path_str(path: Sequence[Any]) -> str:
-  """`('blocks', 0, 'attn', 'kernel')`-style key path -> `blocks/0/attn/kernel`."""
+  """A jax key path (`DictKey('tokens'), ...`) -> `tokens/...`, for error messages."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -302,26 +253,6 @@ def path_str(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-@dataclasses.dataclass(frozen=True)
-class LeafSharding:
-  """How one leaf is laid out: logical axes, mesh spec, global and per-device shape."""
-
-  path: str
-  shape: tuple[int, ...]
-  dtype: str
-  axes: tuple[str | None, ...] | None
-  spec: PartitionSpec
-  shard_shape: tuple[int, ...]
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-  @property
-  def shard_nbytes(self) -> int:
-    return math.prod(self.shard_shape) * np.dtype(self.dtype).itemsize
-
-
 def _axis_size(mesh: Mesh, entry: str | tuple[str, ...] | None) -> int:
   if entry is None:
     return 1
@@ -329,51 +260,8 @@ def _axis_size(mesh: Mesh, entry: str | tuple[str, ...] | None) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def describe(tree: Any, mesh: Mesh, rules: Rules) -> list[LeafSharding]:
-  """One `LeafSharding` per array leaf (path order); shapes need not divide (see `check_divisible`)."""
-  rows = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
-    value = _value(leaf)
-    if not hasattr(value, "shape"):
-      continue
-    spec = _leaf_spec(leaf, rules)
-    shape = tuple(int(s) for s in value.shape)
-    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-    shard = tuple(-(-s // _axis_size(mesh, e)) for s, e in zip(shape, entries))
-    dtype = str(np.dtype(value.dtype)) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else "uint32"
-    rows.append(LeafSharding(path_str(path), shape, dtype, axes_of(leaf), spec, shard))
-  return rows
-
-
-def format_table(rows: Iterable[LeafSharding]) -> str:
-  """A readable table of `describe` rows, for logs and `alm-jax compile`."""
-  lines = [f"{'path':<48} {'shape':<18} {'logical axes':<28} {'spec':<28} per-device"]
-  for r in rows:
-    axes = ",".join(str(a) for a in r.axes) if r.axes else "-"
-    lines.append(f"{r.path:<48} {str(r.shape):<18} {axes:<28} {str(tuple(r.spec)):<28} {r.shard_shape}")
-  return "\n".join(lines)
-
-
-def check_divisible(tree: Any, mesh: Mesh, rules: Rules, key: str = "config.mesh.shape") -> None:
-  """Raises one `ConfigError` listing every leaf whose sharded dimensions do not divide evenly."""
-  problems = []
-  for row in describe(tree, mesh, rules):
-    for dim, (size, entry) in enumerate(zip(row.shape, tuple(row.spec) + (None,) * len(row.shape))):
-      parts = _axis_size(mesh, entry)
-      if size % parts:
-        name = row.axes[dim] if row.axes else None
-        problems.append(f"{row.path} dim {dim} ({name}={size}) over {entry}={parts}")
-  if problems:
-    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-    raise ConfigError(
-        key,
-        f"mesh {dict(mesh.shape)} cannot split {len(problems)} array(s) evenly: {shown} "
-        f"(change the mesh shape, or map the logical axis to None in config.mesh.rules)",
-    )
-
-
 # ----------------------------------------------------------------------------
-# Creating and placing sharded state.
+# Tracing with the rules.
 
 
 def bind_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
@@ -394,106 +282,6 @@ def bind_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
 
 
 use_rules = partitioning.use_rules
-
-
-def abstract_init(fn: Callable, *args: Any) -> Any:
-  """Shapes and dtypes (and `Variable` metadata) of `fn(*args)` without computing it."""
-  return jax.eval_shape(fn, *args)
-
-
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-  """`ShapeDtypeStruct`s carrying shardings (the argument form for `jit(...).lower`)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def sharded_init(fn: Callable, *args: Any, mesh: Mesh, rules: Rules) -> Any:
-  """Runs `fn(*args)` under jit with output shardings from its logical axes.
-
-  Every leaf is created directly in its shards, so a model (or optimizer
-  state) larger than one device's memory never exists whole anywhere. `args`
-  must be replicated values (seeds, abstract-free arrays); divisibility is
-  checked before compiling.
-  """
-  abstract = abstract_init(fn, *args)
-  check_divisible(abstract, mesh, rules)
-  shardings = named_shardings(abstract, mesh, rules)
-  return jax.jit(bind_rules(fn, mesh, rules), out_shardings=shardings)(*args)
-
-
-def init_model(
-    factory: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, *filters: Any, seed: int = 0
-) -> tuple[Any, ...]:
-  """Builds `factory(nnx.Rngs(seed))` sharded from the start; returns `(graphdef, *states)`.
-
-  `filters` are `nnx.split` filters (e.g. `nnx.Param, ...`); with none the
-  whole state comes back as one tree. The module itself is only ever traced.
-  """
-  captured = {}
-
-  def init(seed_value):
-    model = factory(nnx.Rngs(jax.random.key(seed_value)))
-    graphdef, *states = nnx.split(model, *filters)
-    captured["graphdef"] = graphdef
-    return tuple(states)
-
-  states = sharded_init(init, np.uint32(seed), mesh=mesh, rules=rules)
-  return (captured["graphdef"], *states)
-
-
-def abstract_model(
-    factory: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, *filters: Any
-) -> tuple[Any, ...]:
-  """`(graphdef, *abstract_states)` with shardings attached, for ahead-of-time compilation."""
-  captured = {}
-
-  def init(seed_value):
-    graphdef, *states = nnx.split(factory(nnx.Rngs(jax.random.key(seed_value))), *filters)
-    captured["graphdef"] = graphdef
-    return tuple(states)
-
-  abstract = abstract_init(init, np.uint32(0))
-  check_divisible(abstract, mesh, rules)
-  return (captured["graphdef"], *with_shardings(abstract, named_shardings(abstract, mesh, rules)))
-
-
-def shard_tree(tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """`device_put`s an in-memory tree onto its logical shardings (small trees; see `place_host_arrays`)."""
-  check_divisible(tree, mesh, rules)
-  return jax.device_put(tree, named_shardings(tree, mesh, rules))
-
-
-def place_host_arrays(host_tree: Any, shardings: Any, like: Any = None) -> Any:
-  """Places host arrays on devices shard by shard (`jax.make_array_from_callback`).
-
-  Each leaf of `host_tree` is a numpy array or any object with `shape`, `dtype`
-  and numpy slicing (a memory map, a lazy safetensors slice), so each process
-  reads only the slices its own devices hold. `like` (an abstract tree)
-  checks shapes first and sets the target dtype; mismatches raise
-  `CheckpointError` naming the leaf.
-  """
-  host_leaves, treedef = jax.tree_util.tree_flatten_with_path(host_tree, is_leaf=_is_variable)
-  shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  if len(shard_leaves) != len(host_leaves):
-    raise CheckpointError(f"host tree has {len(host_leaves)} arrays but {len(shard_leaves)} shardings were given")
-  like_leaves = [None] * len(host_leaves)
-  if like is not None:
-    like_leaves = [_value(x) for x in jax.tree.leaves(like, is_leaf=_is_variable)]
-    if len(like_leaves) != len(host_leaves):
-      raise CheckpointError(f"host tree has {len(host_leaves)} arrays, the model expects {len(like_leaves)}")
-  placed = []
-  for (path, leaf), sharding, target in zip(host_leaves, shard_leaves, like_leaves):
-    source = _value(leaf)
-    shape = tuple(int(s) for s in source.shape)
-    dtype = np.dtype(target.dtype if target is not None else source.dtype)
-    if target is not None and tuple(target.shape) != shape:
-      raise CheckpointError(f"{path_str(path)}: checkpoint shape {shape} != model shape {tuple(target.shape)}")
-
-    def read(index, source=source, dtype=dtype):
-      return np.asarray(source[index], dtype=dtype)
-
-    array = jax.make_array_from_callback(shape, sharding, read)
-    placed.append(leaf.replace(array) if _is_variable(leaf) else array)
-  return jax.tree_util.tree_unflatten(jax.tree.structure(host_tree, is_leaf=_is_variable), placed)
 
 
 # ----------------------------------------------------------------------------
@@ -535,20 +323,6 @@ def check_batch(batch: Any, shardings: Any, mesh: Mesh, key: str = "config.mesh.
         )
 
 
-def shard_batch(
-    batch: Any, mesh: Mesh, rules: Rules, axes: Mapping[str, Sequence[str | None]] | None = None
-) -> Any:
-  """Places a global host batch (the same on every process) onto the mesh.
-
-  Multi-process input pipelines that hold only their own rows use
-  `alm_jax.distributed.global_batch` instead.
-  """
-  shardings = batch_shardings(batch, mesh, rules, axes)
-  check_batch(batch, shardings, mesh)
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
-                      batch, shardings)
-
-
 # ----------------------------------------------------------------------------
 # Checks.
 
@@ -569,39 +343,49 @@ class ShardingSummary:
     return self.per_device_params / self.ideal_per_device - 1.0 if self.ideal_per_device else 0.0
 
 
-def sharding_summary(tree: Any, mesh: Mesh, rules: Rules) -> ShardingSummary:
-  """Counts how evenly `tree`'s leaves are split over the weight-sharding axes (`fsdp` x `tensor`)."""
-  rows = describe(tree, mesh, rules)
-  total = sum(math.prod(r.shape) for r in rows)
-  per_device = sum(math.prod(r.shard_shape) for r in rows)
+def sharding_summary(params: Mapping[str, Any], mesh: Mesh) -> ShardingSummary:
+  """How evenly `params` (path -> array or `ShapeDtypeStruct` with a `NamedSharding`) split over `fsdp` x `tensor`.
+
+  Takes what `ParamLayout.abstract_sharded` returns, so it runs before anything is
+  allocated or compiled.
+  """
+  total = per_device = 0
+  replicated = []
+  for path, leaf in params.items():
+    shape = tuple(int(s) for s in leaf.shape)
+    spec = tuple(leaf.sharding.spec) + (None,) * (len(shape) - len(leaf.sharding.spec))
+    shard = tuple(-(-size // _axis_size(mesh, entry)) for size, entry in zip(shape, spec))
+    total += math.prod(shape)
+    per_device += math.prod(shard)
+    if shard == shape and math.prod(shape) > 1:
+      replicated.append((math.prod(shape), path, shape))
   parallel = mesh.shape["fsdp"] * mesh.shape["tensor"]
-  replicated = sorted((r for r in rows if r.shard_shape == r.shape and math.prod(r.shape) > 1),
-                      key=lambda r: -math.prod(r.shape))
+  replicated.sort(key=lambda r: -r[0])
   return ShardingSummary(
       total_params=total,
       per_device_params=per_device,
       ideal_per_device=total / parallel,
       model_parallel_devices=parallel,
-      largest_replicated=tuple((r.path, r.shape) for r in replicated[:5]),
+      largest_replicated=tuple((p, s) for _, p, s in replicated[:5]),
   )
 
 
-def assert_params_sufficiently_sharded(
-    tree: Any, mesh: Mesh, rules: Rules, tolerance: float = 0.02
-) -> ShardingSummary:
+def assert_params_sufficiently_sharded(params: Mapping[str, Any], mesh: Mesh, tolerance: float = 0.02) -> ShardingSummary:
   """Fails a run whose parameters are left mostly unsharded (MaxText's check of the same name).
 
   Compares the parameters held by one device with perfect sharding over
   `fsdp` x `tensor` (`data` replicates by design) and raises `ConfigError`
-  naming `config.mesh.rules` when the excess is above `tolerance`.
+  naming `config.mesh.rules` when the excess is above `tolerance`
+  (`config.mesh.sharding_tolerance`). `alm-jax train` and `alm-jax compile` call it
+  before compiling.
   """
-  summary = sharding_summary(tree, mesh, rules)
+  summary = sharding_summary(params, mesh)
   if summary.excess > tolerance:
     worst = ", ".join(f"{p} {s}" for p, s in summary.largest_replicated) or "-"
     raise ConfigError(
         "config.mesh.rules",
         f"parameters are {summary.excess:.1%} above perfect sharding over {summary.model_parallel_devices} "
-        f"devices (tolerance {tolerance:.1%}): {summary.per_device_params:,} of {summary.total_params:,} per device; "
-        f"largest replicated: {worst}",
+        f"devices (tolerance config.mesh.sharding_tolerance={tolerance:.1%}): {summary.per_device_params:,} of "
+        f"{summary.total_params:,} per device; largest replicated: {worst}",
     )
   return summary

@@ -66,5 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint=dict(keep_last=3),
   )
   # A TPU pod slice: FSDP over every chip (for several slices: dcn_shape=(-1, 1, 1) and a fixed shape).
-  config.mesh = dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1))
+  # the LoRA adapters' (8, 32, 128) halves split only over `tensor`: 2.5 % above perfect sharding on
+  # 64 chips with FSDP alone.
+  config.mesh = dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1), sharding_tolerance=0.05)
   return config

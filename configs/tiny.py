@@ -14,6 +14,8 @@ the demo (`alm-jax demo`) chains the stages with this config.
 
 import ml_collections
 
+from alm_jax import sharding
+
 WINDOW_SECONDS = 3.0  # synthetic clips are 1.5-3 s: one window each
 WHISPER_WIDTH = 96
 BEATS_WIDTH = 32
@@ -85,5 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             llm_dim=32)
     m.llm.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
 
-  config.mesh = dict(shape=(1, -1, 1))
+  config.mesh = sharding.default_mesh_section()
+  # Towers this narrow hold a large share of replicated biases and norms: 3 % above perfect sharding on
+  # 8 devices (11 % for `micro`), where a 7B model is at 0.6-2.5 %.
+  config.mesh.sharding_tolerance = 0.5 if "micro" in variants else 0.1
   return config

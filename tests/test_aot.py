@@ -100,38 +100,38 @@ def test_memory_report_totals_and_verdict():
 
 def compile_tiny(topology_text: str, shape: tuple[int, ...], dcn_shape: tuple[int, ...] = (1, 1, 1),
                  num_slices: int = 1) -> dict:
-  """Compiles the test transformer's train step for `topology_text` on mesh `shape`; returns the report."""
+  """Compiles the test transformer's production train step for `topology_text` on mesh `shape`; returns the report."""
   import jax
   import numpy as np
-  import optax
-  from flax import nnx
 
   from alm_jax import sharding
-  from test_sharding import TinyTransformer, default_train_step, lm_loss, StepCase
+  from alm_jax.train.optimizer import OptimizerConfig, abstract_opt_state, make_optimizer
+  from alm_jax.train.params import ParamLayout
+  from alm_jax.train.step import make_train_step
+  from test_sharding import TinyTransformer
 
   topology = aot.parse_topology(topology_text, num_slices=num_slices)
   aot.prepare_host(topology)
   mesh = sharding.make_mesh({"shape": shape, "dcn_shape": dcn_shape}, aot.topology_devices(topology))
   rules = sharding.make_rules()
-  graphdef, params, rest = sharding.abstract_model(lambda r: TinyTransformer(depth=1, rngs=r), mesh, rules,
-                                                   nnx.Param, ...)
-  tx = optax.adamw(1e-3)
-  opt_abstract = jax.eval_shape(tx.init, params)
-  opt_state = sharding.with_shardings(opt_abstract, sharding.named_shardings(opt_abstract, mesh, rules))
+  layout = ParamLayout(lambda r: TinyTransformer(depth=1, rngs=r))
+  params = layout.abstract_sharded(mesh, rules)
+  tx = make_optimizer(OptimizerConfig(), dict(layout.abstract), total_steps=10)
+  opt_state = abstract_opt_state(tx, params)
   batch = {"ids": jax.ShapeDtypeStruct((16, 32), np.int32), "labels": jax.ShapeDtypeStruct((16, 32), np.int32)}
   batch_shardings = sharding.batch_shardings(batch, mesh, rules)
-  batch = sharding.with_shardings(batch, batch_shardings)
-  shardings = [jax.tree.map(lambda a: a.sharding, t) for t in (params, rest, opt_state)]
-  step = default_train_step(StepCase(None, lm_loss, {}, tx))(graphdef, tx)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()}
+  shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
+  step = make_train_step(layout, tx)
   _, report = aot.compile_and_report(
-      step, (params, rest, opt_state, batch), in_shardings=(*shardings, batch_shardings),
-      out_shardings=(shardings[0], shardings[2], None), mesh=mesh, rules=rules, donate_argnums=(0, 2),
+      step, (params, {}, opt_state, batch), in_shardings=(shardings(params), {}, shardings(opt_state), batch_shardings),
+      out_shardings=(shardings(params), shardings(opt_state), None), mesh=mesh, rules=rules, donate_argnums=(0, 2),
       topology=topology)
   print(report.format(), flush=True)
-  state_rows = sharding.describe(params, mesh, rules) + sharding.describe(opt_abstract, mesh, rules)
+  state = list(params.values()) + jax.tree.leaves(opt_state)
   result = report.to_dict()
-  result["state_shard_bytes"] = sum(r.shard_nbytes for r in state_rows)
-  result["state_bytes"] = sum(r.nbytes for r in state_rows)
+  result["state_shard_bytes"] = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in state)
+  result["state_bytes"] = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in state)
   return result
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from alm_jax import distributed
 from alm_jax.config import ConfigError
-from test_sharding import REPO, assert_same_training, run_step_in_subprocess
+from parity_harness import REPO, assert_same_training, run_step_in_subprocess
+from test_alm_sharding import BF16_TOLERANCE, F32_TOLERANCE
 
 LOCAL = os.path.join(REPO, "launch", "local.sh")
 
@@ -137,27 +138,28 @@ def test_slurm_script_sets_coordinator_and_per_task_ids(tmp_path):
 # ----------------------------------------------------------------------------
 # Two processes x two devices.
 
-MESHES = [
-    (1, 1, 1),  # per-process 1-device reference
-    {"shape": (1, -1, 1)},  # FSDP over both processes
+RUNS = [
+    {"shape": (1, 1, 1)},  # per-process 1-device reference
+    {"shape": (1, -1, 1), "init": "mesh"},  # FSDP over both processes, parameters created in their shards
     {"shape": (1, 2, 1), "dcn_shape": (2, 1, 1)},  # hybrid: DCN data parallel, FSDP within a process
+    {"shape": (1, -1, 1), "dtype": "bfloat16", "accum": 2},  # the pod settings: bf16 compute, accumulation
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.multihost
 def test_two_processes_train_like_one_device_and_share_checkpoints():
-  results = run_step_in_subprocess("test_sharding:tiny_transformer_case", MESHES, devices=2, processes=2,
-                                   checkpoints=True)
+  results = run_step_in_subprocess("test_alm_sharding:alm_case", RUNS, devices=2, processes=2, checkpoints=True)
   reference = results[0]
   assert reference.mesh == {"data": 1, "fsdp": 1, "tensor": 1}
   assert results[1].mesh == {"data": 1, "fsdp": 4, "tensor": 1}
-  for result in results[1:]:
-    assert_same_training(result, reference)
+  for result in results[1:3]:
+    assert_same_training(result, reference, F32_TOLERANCE)
     assert result.placed_matches_init
     assert set(np.unique(result.process_grid)) == {0, 1}
+  assert_same_training(results[3], reference, BF16_TOLERANCE)
   # The DCN axis is the process: data index i lives on process i.
   np.testing.assert_array_equal(results[2].process_grid[:, :, 0], [[0, 0], [1, 1]])
   assert results[1].collectives["all-gather"] > 0
-  # The last mesh restored the checkpoint both processes wrote on the FSDP mesh, resharded to its own layout.
-  assert len(results[2].restored_checkpoints) == 1 and all(results[2].restored_checkpoints.values())
+  # The last run restored the checkpoints both processes wrote on the global meshes, resharded to its layout.
+  assert len(results[3].restored_checkpoints) == 2 and all(results[3].restored_checkpoints.values())

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from alm_jax import distributed
 from alm_jax import sharding as sharding_lib
 from alm_jax.checkpoints import orbax as ckpt_lib
-from alm_jax.data.pipeline import DataConfig, agree_batch_shape, make_dataset
+from alm_jax.data.pipeline import DataConfig, agree_batch_shape, make_dataset, pad_batch
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import CheckpointError, UserError
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
@@ -34,17 +34,16 @@ from alm_jax.run_config import RunConfig
 from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.metrics import MetricsWriter, format_scalars
-from alm_jax.train.optimizer import abstract_opt_state, cast_for_compute, learning_rate_at, make_optimizer
+from alm_jax.train.optimizer import abstract_opt_state, learning_rate_at, make_optimizer
 from alm_jax.train.params import Flat, ParamLayout, count
 from alm_jax.train.pretrained import load_pretrained_towers
-from alm_jax.train.step import make_eval_step, make_train_step, model_config_for
+from alm_jax.train.step import jit_train_step, make_eval_step, model_config_for, stack_micro_batches
 
 log = logging.getLogger("alm_jax.train")
 
 LORA_LEAF = r"(^|/)lora_[ab]$"
 TAGGER_LEAF = r"^tagger/"  # the encoder-pretraining head, dropped when the LLM stages start
 TAGGING_TRAINS = r"^(encoder|tagger)/"
-BATCH_AXES = {"audio_samples": ("batch",), "audio_clip": ("batch",), "example_id": ("batch",)}
 
 
 class TrainingError(UserError):
@@ -82,14 +81,21 @@ class TrainState:
 
 
 def _local_batch_to_global(batch: dict, mesh, rules, pad_id: int) -> dict:
-  """Makes one global batch from this process's rows (clip ids made globally unique)."""
-  batch = agree_batch_shape(batch, pad_id)
-  batch = dict(batch)
-  if jax.process_count() > 1:
-    windows = batch["audio"].shape[0]
-    clip = batch["audio_clip"]
-    batch["audio_clip"] = np.where(clip >= 0, clip + jax.process_index() * windows, clip).astype(np.int32)
-  return distributed.global_batch(batch, mesh, rules, axes=BATCH_AXES)
+  """Makes one global batch from this process's rows (each row carries its own clips)."""
+  return distributed.global_batch(agree_batch_shape(batch, pad_id), mesh, rules)
+
+
+def _micro_batches_to_global(batches: list[dict], mesh, rules, pad_id: int) -> dict:
+  """k local micro-batches -> one global batch with a leading micro-batch axis (see `make_train_step`).
+
+  The micro-batches are padded to their largest (L, K) so they stack.
+  """
+  batches = [agree_batch_shape(b, pad_id) for b in batches]
+  length = max(b["tokens"].shape[1] for b in batches)
+  windows = max(b["audio"].shape[1] for b in batches)
+  stacked = stack_micro_batches([pad_batch(b, length=length, windows=windows, pad_id=pad_id) for b in batches])
+  axes = {k: (None, "batch") + (None,) * (v.ndim - 2) for k, v in stacked.items()}
+  return distributed.global_batch(stacked, mesh, rules, axes=axes)
 
 
 def _check_tagging_stage(stage: str, trainable: list[str]) -> None:
@@ -125,6 +131,8 @@ class Trainer:
     self.spec = self.model_cfg.token_spec()
     self.layout = ParamLayout(lambda rngs: AudioLanguageModel(self.model_cfg, rngs=rngs))
     self.layout.check_divisible(self.mesh, self.rules)
+    sharding_lib.assert_params_sufficiently_sharded(self.layout.abstract_sharded(self.mesh, self.rules), self.mesh,
+                                                    cfg.mesh.sharding_tolerance)
     self.compute_dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
     self.mask = stages_lib.trainable_mask(self.layout.abstract, cfg.train.stage_config)
     self.trainable_paths = [p for p, t in self.mask.items() if t]
@@ -137,6 +145,7 @@ class Trainer:
     self._compiled: dict[tuple, Any] = {}
     self._step_flops: dict[tuple, float] = {}
     self.compile_seconds = 0.0  # spent compiling so far (kept out of step times)
+    self.accum = cfg.train.optimizer.grad_accum_steps
 
   # ---------------------------------------------------------------------------
   # Output.
@@ -206,31 +215,24 @@ class Trainer:
   # ---------------------------------------------------------------------------
   # Compilation.
 
-  def _shardings(self):
-    trainable = self.layout.shardings(self.mesh, self.rules, self.trainable_paths)
-    frozen = self.layout.shardings(self.mesh, self.rules, self.frozen_paths)
-    opt = jax.tree.map(lambda a: a.sharding, abstract_opt_state(self.tx, self._abstract(self.trainable_paths)))
-    return trainable, frozen, opt
-
   def compiled_train_step(self, state: TrainState, batch: dict) -> Any:
     """The train step compiled for this batch shape (memory and FLOPs reported once)."""
     key = tuple((k, v.shape) for k, v in sorted(batch.items()))
     if key in self._compiled:
       return self._compiled[key]
-    trainable_s, frozen_s, opt_s = self._shardings()
-    batch_s = jax.tree.map(lambda x: x.sharding, batch)
-    step_fn = make_train_step(self.layout, self.tx, self.compute_dtype, objective=self.objective,
-                              ignore_ids=self.ignore_tag_ids)
-    step_fn = sharding_lib.bind_rules(step_fn, self.mesh, self.rules)
-    jitted = jax.jit(step_fn, in_shardings=(trainable_s, frozen_s, opt_s, batch_s),
-                     out_shardings=(trainable_s, opt_s, None), donate_argnums=(0, 2))
+    jitted = jit_train_step(self.layout, self.tx, self.mesh, self.rules, trainable_paths=self.trainable_paths,
+                            frozen_paths=self.frozen_paths, batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
+                            compute_dtype=self.compute_dtype, objective=self.objective,
+                            ignore_ids=self.ignore_tag_ids, grad_accum_steps=self.accum)
     start = time.perf_counter()
     compiled = jitted.lower(state.trainable, state.frozen, state.opt_state, batch).compile()
     self.compile_seconds += time.perf_counter() - start
     self._compiled[key] = compiled
-    self._step_flops[key] = flops_lib.compiled_flops(compiled)
+    # Cost analysis counts a loop body once: the micro-batch scan runs it `accum` times.
+    self._step_flops[key] = flops_lib.compiled_flops(compiled) * self.accum
     mem = flops_lib.memory_summary(compiled)
-    shape = f"L={batch['tokens'].shape[1]} W={batch['audio'].shape[0]}"
+    tokens, audio = batch["tokens"].shape, batch["audio"].shape
+    shape = f"L={tokens[-1]} K={audio[-2]}" + (f" x{self.accum} micro-batches" if self.accum > 1 else "")
     self.say(f"compiled train step for {shape} in {time.perf_counter() - start:.1f}s; {mem}")
     return compiled
 
@@ -290,12 +292,12 @@ class Trainer:
     if state.step >= train.steps:
       self.say(f"nothing to do: the workdir is already at step {state.step} of {train.steps}")
       return {}
-    frozen = cast_for_compute(state.frozen, self.compute_dtype) if self.compute_dtype != jnp.float32 else state.frozen
-    state.frozen = frozen
-    peak = train.peak_flops_per_device or flops_lib.measured_peak_flops()
+    # The frozen weights stay as loaded (float32 masters): the step casts its own compute copy, so a bf16
+    # run saves them bit for bit.
+    peak, peak_source = flops_lib.peak_flops(jax.local_devices(), train.peak_flops_per_device)
+    self.say(f"MFU is measured per device against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     writer = MetricsWriter(self.workdir, enabled=self.main, resume_step=state.step + 1)
     watcher = ckpt_lib.install_preemption_handler()
-    accum = train.optimizer.grad_accum_steps
     window: dict[str, list[float]] = {}
     last: dict[str, float] = {}
     progress = tqdm(total=train.steps, initial=state.step, disable=self.quiet, desc=f"train[{train.stage}]",
@@ -304,31 +306,32 @@ class Trainer:
       while state.step < train.steps:
         start = time.perf_counter()
         compile_before = self.compile_seconds
-        tokens = 0.0
-        step_flops = 0.0
-        for _ in range(accum):
-          local = next(iterator)
+        locals_ = [next(iterator) for _ in range(self.accum)]
+        for local in locals_:
           check_audio_slots(local, self.spec, self.model_cfg.audio_token_id)
           if self.objective == "tagging":
             check_one_clip_per_example(local, self.model_cfg.audio_token_id)
-          batch = _local_batch_to_global(local, self.mesh, self.rules, self.tokenizer.pad_id)
-          compiled = self.compiled_train_step(state, batch)
-          state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)
-          metrics = jax.device_get(metrics)
-          if not metrics["finite"]:
-            raise TrainingError(
-                f"non-finite loss ({float(metrics['loss'])}) or gradient norm ({float(metrics['grad_norm'])}) at "
-                f"step {state.step + 1}; the update was not applied and nothing was saved after step "
-                f"{self.checkpointer.latest_step()}")
-          tokens += float(metrics["tokens"])
-          step_flops += self._step_flops[tuple((k, v.shape) for k, v in sorted(batch.items()))]
-          for k in ("loss", "grad_norm", "token_accuracy"):
-            window.setdefault(k, []).append(float(metrics[k]))
+        if self.accum > 1:
+          batch = _micro_batches_to_global(locals_, self.mesh, self.rules, self.tokenizer.pad_id)
+        else:
+          batch = _local_batch_to_global(locals_[0], self.mesh, self.rules, self.tokenizer.pad_id)
+        compiled = self.compiled_train_step(state, batch)
+        state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+          raise TrainingError(
+              f"non-finite loss ({float(metrics['loss'])}) or gradient norm ({float(metrics['grad_norm'])}) at "
+              f"step {state.step + 1}; the update was not applied and nothing was saved after step "
+              f"{self.checkpointer.latest_step()}")
+        tokens = float(metrics["tokens"])
+        step_flops = self._step_flops[tuple((k, v.shape) for k, v in sorted(batch.items()))]
+        for k in ("loss", "grad_norm", "token_accuracy"):
+          window.setdefault(k, []).append(float(metrics[k]))
         state.step += 1
         seconds = time.perf_counter() - start - (self.compile_seconds - compile_before)
         window.setdefault("step_time", []).append(seconds)
         window.setdefault("tokens_per_s", []).append(tokens / seconds)
-        window.setdefault("mfu", []).append(step_flops / seconds / (peak * jax.device_count()) if peak else 0.0)
+        window.setdefault("mfu", []).append(flops_lib.mfu(step_flops, seconds, peak))
         progress.update(1)
         if state.step % train.log_every == 0 or state.step == train.steps:
           last = {k: float(np.mean(v)) for k, v in window.items()}

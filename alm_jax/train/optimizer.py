@@ -106,13 +106,13 @@ def decay_mask(trainable_params: Mapping[str, Any], no_decay: tuple[str, ...] = 
 def make_optimizer(
     cfg: OptimizerConfig, trainable_params: Mapping[str, Any], total_steps: int
 ) -> optax.GradientTransformation:
-  """clip_by_global_norm → AdamW(schedule, decay mask), wrapped in MultiSteps if accumulating.
+  """clip_by_global_norm → AdamW(schedule, decay mask).
 
   `trainable_params` (arrays or ShapeDtypeStructs) fixes the tree the optimizer
   works on: pass only the trainable half of the params, never the frozen half.
-  With `grad_accum_steps = k` call `update` once per micro-batch; parameters
-  change (and the schedule advances) every k-th call, on the mean gradient,
-  which is clipped as a whole.
+  Gradient accumulation (`grad_accum_steps`) happens inside the train step
+  (`train.step.make_train_step`), so `update` is called once per optimizer step on
+  the accumulated gradient, which is clipped as a whole.
   """
   schedule = make_schedule(cfg, total_steps)
   chain = []
@@ -128,10 +128,7 @@ def make_optimizer(
           mask=decay_mask(trainable_params, cfg.no_decay),
       )
   )
-  tx = optax.chain(*chain)
-  if cfg.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()
-  return tx
+  return optax.chain(*chain)
 
 
 def cast_for_compute(flat: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
