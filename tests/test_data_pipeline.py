@@ -60,24 +60,29 @@ def test_batches_follow_the_contract(data_dir, tok):
   ds = make_dataset(cfg(data_dir, eval_path=str(data_dir / "train.jsonl")), SPEC, tok, split="validation",
                     process_index=0, process_count=1)
   seen = []
-  windows = set(DataConfig().window_sizes(SPEC, 4))
+  windows = set(DataConfig().window_sizes(SPEC))
   for b in batches(ds):
     assert set(b) == set(BATCH_KEYS)
     dtypes = {k: str(v.dtype) for k, v in b.items()}
     assert dtypes == {"tokens": "int32", "token_mask": "bool", "loss_mask": "float32", "audio": "float32",
                       "audio_samples": "int32", "audio_clip": "int32", "example_id": "int64"}
     B, L = b["tokens"].shape
-    W, S = b["audio"].shape
-    assert B == 4 and L in BUCKETS and W in windows and S == SPEC.window_samples
-    clip_base = 0
+    B2, K, S = b["audio"].shape
+    assert B == B2 == 4 and L in BUCKETS and K in windows and S == SPEC.window_samples
+    assert b["audio_samples"].shape == b["audio_clip"].shape == (B, K)
+    assert max(int((b["audio_clip"][r] >= 0).sum()) for r in range(B)) > ([0] + [k for k in windows if k < K])[-1]
     for row in range(B):
       ex = b["example_id"][row]
       mask = b["token_mask"][row]
       n = int(mask.sum())
       assert mask[:n].all() and not mask[n:].any()
       assert (b["tokens"][row, n:] == tok.pad_id).all() and not b["loss_mask"][row, n:].any()
+      clip, audio, samples = b["audio_clip"][row], b["audio"][row], b["audio_samples"][row]
+      real = clip >= 0
+      assert not real[real.sum():].any()  # slots 0..n-1 hold the row's windows, the rest are padding
+      assert (samples[~real] == 0).all() and not audio[~real].any()
       if ex < 0:
-        assert n == 0
+        assert n == 0 and not real.any()
         continue
       seen.append(int(ex))
       line = lines[ex]
@@ -90,18 +95,14 @@ def test_batches_follow_the_contract(data_dir, tok):
       targets = tokens[b["loss_mask"][row, :n] > 0]
       answer = line.get("answer", line.get("text"))
       assert tok.decode(targets, skip_special_tokens=False) == answer + "<|im_end|>"
-      # Windows: each clip cut in time order, placed in placeholder order.
+      # Windows: each clip cut in time order, placed in placeholder order, clip ids local to the row.
+      assert (np.diff(clip[real]) >= 0).all() and clip[real].max() == len(pcms) - 1
       for k, pcm in enumerate(pcms):
-        rows = np.nonzero(b["audio_clip"] == clip_base + k)[0]
-        assert len(rows) == num_windows(pcm.size, SPEC)
-        got = np.concatenate([b["audio"][r, : b["audio_samples"][r]] for r in rows])
+        slots = np.nonzero(clip == k)[0]
+        assert len(slots) == num_windows(pcm.size, SPEC)
+        got = np.concatenate([audio[s, : samples[s]] for s in slots])
         np.testing.assert_array_equal(got, pcm[: SPEC.max_windows * SPEC.window_samples])
-        assert not b["audio"][rows[-1], b["audio_samples"][rows[-1]] :].any()
-      clip_base += len(pcms)
-    real = b["audio_clip"] >= 0
-    assert (np.diff(b["audio_clip"][real]) >= 0).all() and not real[real.sum():].any()
-    assert (b["audio_samples"][~real] == 0).all() and not b["audio"][~real].any()
-    assert b["audio_clip"][real].max() == clip_base - 1
+        assert not audio[slots[-1], samples[slots[-1]] :].any()
   assert sorted(seen) == list(range(len(lines)))
 
 
@@ -118,17 +119,18 @@ def test_long_clips_are_windowed_and_truncated_and_markers_order_windows(tmp_pat
   (b,) = batches(make_dataset(cfg(tmp_path / "m.jsonl"), SPEC, tok, split="test", process_index=0,
                               process_count=1))
   # The short clip's span comes first in the text, so its window comes first.
-  assert b["audio_clip"].tolist()[:4] == [0, 1, 1, 1] and (b["audio_clip"][4:] == -1).all()
-  assert b["audio_samples"].tolist()[:4] == [4800, 16000, 16000, 16000]
+  assert b["audio"].shape[:2] == (4, 4)  # the smallest window bucket holding the row's 4 windows
+  assert b["audio_clip"][0].tolist() == [0, 1, 1, 1] and (b["audio_clip"][1:] == -1).all()
+  assert b["audio_samples"][0].tolist() == [4800, 16000, 16000, 16000]
   decoded_long = load_audio(str(tmp_path / "long.wav"))
-  np.testing.assert_array_equal(b["audio"][1:4].reshape(-1), decoded_long[:48000])
-  np.testing.assert_array_equal(b["audio"][0, :4800], load_audio(str(tmp_path / "short.wav"), start=0.1, end=0.4))
+  np.testing.assert_array_equal(b["audio"][0, 1:4].reshape(-1), decoded_long[:48000])
+  np.testing.assert_array_equal(b["audio"][0, 0, :4800], load_audio(str(tmp_path / "short.wav"), start=0.1, end=0.4))
   ids = b["tokens"][0][b["token_mask"][0]]
   starts = np.nonzero(ids == tok.audio_bos_id)[0]
   assert [(ids[s + 1 :] == tok.audio_id).argmin() for s in starts] == [num_audio_tokens(4800, SPEC), 75]
 
 
-def test_length_bucketing_groups_examples_and_pads_rows(data_dir, tok):
+def test_length_and_window_bucketing_groups_examples_and_pads_rows(data_dir, tok):
   ds = make_dataset(cfg(data_dir, eval_path=str(data_dir / "train.jsonl")), SPEC, tok, split="validation",
                     process_index=0, process_count=1)
   shapes = collections.Counter()
@@ -138,11 +140,17 @@ def test_length_bucketing_groups_examples_and_pads_rows(data_dir, tok):
     L = b["tokens"].shape[1]
     smaller = [l for l in BUCKETS if l < L]
     assert (real <= L).all() and (not smaller or (real > smaller[-1]).all())  # all rows in the same bucket
-    shapes[(L, b["audio"].shape[0])] += 1
-  allowed = {(s["tokens"][1], s["audio"][0]) for s in batch_shapes(cfg(data_dir), SPEC)}
-  assert set(shapes) <= allowed and len(shapes) >= 2
-  padded = pad_batch(b, length=512, windows=b["audio"].shape[0] + 4, pad_id=tok.pad_id)
-  assert padded["tokens"].shape == (4, 512) and (padded["audio_clip"][-4:] == -1).all()
+    K = b["audio"].shape[1]
+    windows = (b["audio_clip"] >= 0).sum(1)[b["example_id"] >= 0]
+    fewer = [k for k in DataConfig().window_sizes(SPEC) if k < K]
+    assert (windows <= K).all() and (not fewer or (windows > fewer[-1]).all())  # and the same window bucket
+    shapes[(L, K)] += 1
+  allowed = {(s["tokens"][1], s["audio"][1]) for s in batch_shapes(cfg(data_dir), SPEC)}
+  assert set(shapes) <= allowed and len({l for l, _ in shapes}) >= 2 and len({k for _, k in shapes}) >= 2
+  padded = pad_batch(b, length=512, windows=K + 4, pad_id=tok.pad_id)
+  assert padded["tokens"].shape == (4, 512) and padded["audio"].shape == (4, K + 4, SPEC.window_samples)
+  assert (padded["audio_clip"][:, -4:] == -1).all() and not padded["audio_samples"][:, -4:].any()
+  np.testing.assert_array_equal(padded["audio"][:, :K], b["audio"])
   assert (padded["tokens"][:, L:] == tok.pad_id).all() and not padded["token_mask"][:, L:].any()
 
 
@@ -218,8 +226,8 @@ def test_random_crop_in_training_only(tmp_path, tok):
   def first_window(split, seed):
     b = batches(make_dataset(cfg(tmp_path / "m.jsonl", seed=seed, **kw), SPEC, tok, split=split,
                              process_index=0, process_count=1), limit=1)[0]
-    assert b["audio_samples"].tolist()[0] == 16000
-    return b["audio"][0]
+    assert b["audio_samples"][0].tolist() == [16000]
+    return b["audio"][0, 0]
 
   np.testing.assert_array_equal(first_window("test", 0), decoded[:16000])
   crops = [first_window("train", s) for s in (0, 1)]
@@ -305,4 +313,5 @@ def test_config_validation(data_dir, tmp_path):
     DataConfig.from_config({"batch_size": "8"})
   c = DataConfig.from_config({"prompts": {"caption": "What do you hear?"}})
   assert c.prompts == {"transcribe": "Transcribe the audio.", "caption": "What do you hear?"}
-  assert DataConfig(batch_size=4).window_sizes(SPEC, 4) == (4, 8, 16, 32, 48)
+  assert DataConfig(batch_size=4).window_sizes(SPEC) == (1, 2, 4, 8, 12)  # per row: up to 4 clips × 3 windows
+  assert DataConfig(max_clips=3).window_sizes(AudioTokenSpec(max_windows=2)) == (1, 2, 4, 6)

@@ -46,12 +46,11 @@ def rows_by_id(ds):
   out = {}
   it = iter(ds)
   for b in it:
-    clip_of_row = np.cumsum([0] + [1] * len(b["example_id"]))
     for r, ex in enumerate(b["example_id"].tolist()):
       if ex < 0:
         continue
-      rows = b["audio_clip"] == clip_of_row[r]
-      out[ex] = (b["tokens"][r][b["token_mask"][r]].tolist(), b["audio"][rows].copy(), b["audio_samples"][rows])
+      slots = b["audio_clip"][r] >= 0
+      out[ex] = (b["tokens"][r][b["token_mask"][r]].tolist(), b["audio"][r][slots].copy(), b["audio_samples"][r][slots])
   it.close()
   return out
 

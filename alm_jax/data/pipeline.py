@@ -1,4 +1,4 @@
-"""Grain input pipeline: examples → fixed-shape, length-bucketed batches with audio windows.
+"""Grain input pipeline: examples → fixed-shape, length-bucketed batches with per-row audio slots.
 
     source (manifest / ArrayRecord / TFDS) ─▶ grain.MapDataset
       ─▶ shuffle (train, per-epoch reshuffle) ─▶ repeat ─▶ this process's slice [i::n]
@@ -9,32 +9,37 @@
 
 Batch contract — one batch is a dict of numpy arrays; B is the per-process batch
 (`data.batch_size / process_count`), L a length bucket (`data.length_buckets`),
-W a window bucket (`data.window_buckets`, multiples of B by default) and
+K a window bucket (`data.window_buckets`: audio windows per row) and
 S = `spec.window_samples`:
 
-  tokens        int32   [B, L]  ids right-padded with the pad id. Clip k of an example
-                                is a span of n_k placeholder ids (n_k =
-                                `num_audio_tokens(samples_k, spec)`), inside the
-                                family's audio begin/end markers if it has them.
-  token_mask    bool    [B, L]  True on real tokens.
-  loss_mask     float32 [B, L]  1.0 on tokens to predict (assistant answers and their
-                                end-of-turn token), 0 on prompt, audio and padding.
-  audio         float32 [W, S]  16 kHz PCM windows: each clip cut into
-                                `num_windows(samples, spec)` windows in time order
-                                (beyond `spec.max_windows` truncated), zero-padded;
-                                ordered example by example, then clip by clip in the
-                                order their placeholder spans appear in `tokens`;
-                                rows past the last window are padding.
-  audio_samples int32   [W]     real samples in each window (0 for padding windows).
-  audio_clip    int32   [W]     batch-global clip index (0, 1, 2, … in placeholder
-                                order) of each window; -1 for padding windows.
-  example_id    int64   [B]     source index of each example; -1 for padding rows.
+  tokens        int32   [B, L]     ids right-padded with the pad id. Clip k of an example
+                                   is a span of n_k placeholder ids (n_k =
+                                   `num_audio_tokens(samples_k, spec)`), inside the
+                                   family's audio begin/end markers if it has them.
+  token_mask    bool    [B, L]     True on real tokens.
+  loss_mask     float32 [B, L]     1.0 on tokens to predict (assistant answers and their
+                                   end-of-turn token), 0 on prompt, audio and padding.
+  audio         float32 [B, K, S]  16 kHz PCM windows of row b in slots 0..n_b-1: its
+                                   clips in the order their placeholder spans appear in
+                                   `tokens`, each clip cut into `num_windows(samples,
+                                   spec)` windows in time order (beyond
+                                   `spec.max_windows` truncated), zero-padded; slots
+                                   past n_b are zero.
+  audio_samples int32   [B, K]     real samples in each slot (0 for padding slots).
+  audio_clip    int32   [B, K]     the slot's clip index within its row (0, 1, … in
+                                   placeholder order); -1 for padding slots (a padding
+                                   row is all -1).
+  example_id    int64   [B]        source index of each example; -1 for padding rows.
 
 Every batch has exactly B rows (missing rows are padding: token_mask False,
-loss_mask 0, example_id -1) and one of a few (L, W) shapes, so the train step
-compiles a handful of programs. Examples are grouped by length bucket; a batch
-is emitted when its bucket holds B examples (or its windows would overflow the
-largest W); a finite split flushes partial buckets at the end.
+loss_mask 0, example_id -1) and one of a few (L, K) shapes, so the train step
+compiles a handful of programs. K is the smallest window bucket holding the
+most windows any row of the batch needs; an example needing more windows than
+the largest bucket is a bad example. With `data.group_by_length` examples are
+grouped by (length bucket, window bucket), so rows with many windows batch
+together and single-clip rows are not padded to many slots; a batch is emitted
+when its bucket holds B examples, and a finite split flushes partial buckets at
+the end in bucket order.
 
 Each process picks its buckets on its own: with several processes, call
 `agree_batch_shape` (or `pad_batch`) before building global arrays.
@@ -81,8 +86,8 @@ class DataConfig:
     template: the model family's chat template (`alm_jax.data.templates.TEMPLATES`).
     batch_size: global batch size (split evenly across processes).
     length_buckets: allowed token lengths L; longer examples are bad examples.
-    window_buckets: allowed window counts W (default: B × 1, 2, 4, … up to
-      B × max_clips × spec.max_windows).
+    window_buckets: allowed audio windows per row K (default: 1, 2, 4, …
+      doubling, capped at and including max_clips × spec.max_windows).
     max_clips: most clips one example may hold.
     group_by_length: batch examples of the same length bucket together.
     shuffle / seed / num_epochs: train order (reshuffled every epoch); None
@@ -158,15 +163,15 @@ class DataConfig:
     cfg = from_dict(cls, values, prefix)
     return dataclasses.replace(cfg, prompts={**DEFAULT_PROMPTS, **cfg.prompts})
 
-  def window_sizes(self, spec: AudioTokenSpec, local_batch: int) -> tuple[int, ...]:
-    """Window buckets W for a per-process batch of `local_batch` rows."""
+  def window_sizes(self, spec: AudioTokenSpec) -> tuple[int, ...]:
+    """Window buckets K (audio windows per row): `window_buckets`, or 1, 2, 4, … up to the most one row can hold."""
     if self.window_buckets:
       return tuple(self.window_buckets)
-    top = local_batch * self.max_clips * spec.max_windows
-    sizes, w = [], local_batch
-    while w < top:
-      sizes.append(w)
-      w *= 2
+    top = self.max_clips * spec.max_windows
+    sizes, k = [], 1
+    while k < top:
+      sizes.append(k)
+      k *= 2
     return tuple(sizes + [top])
 
 
@@ -186,9 +191,10 @@ def batch_shapes(cfg: DataConfig, spec: AudioTokenSpec, process_count: int = 1) 
   b = cfg.batch_size // process_count
   out = []
   for length in cfg.length_buckets:
-    for w in cfg.window_sizes(spec, b):
+    for k in cfg.window_sizes(spec):
       out.append({"tokens": (b, length), "token_mask": (b, length), "loss_mask": (b, length),
-                  "audio": (w, spec.window_samples), "audio_samples": (w,), "audio_clip": (w,), "example_id": (b,)})
+                  "audio": (b, k, spec.window_samples), "audio_samples": (b, k), "audio_clip": (b, k),
+                  "example_id": (b,)})
   return out
 
 
@@ -299,61 +305,73 @@ class Prepare:
 # --- batching (main process) ------------------------------------------------------------------
 
 
-def collate(examples: Sequence[dict], batch: int, length: int, windows: int, spec: AudioTokenSpec,
+def collate(examples: Sequence[dict], batch: int, length: int, windows_per_row: int, spec: AudioTokenSpec,
             pad_id: int) -> dict[str, np.ndarray]:
-  """Packs prepared examples into one fixed-shape batch (see the module docstring)."""
+  """Packs prepared examples into one fixed-shape batch of `batch` rows (see the module docstring).
+
+  Each example dict holds `tokens`, `loss_mask`, `id`, and its windows back to
+  back in `pcm` with `window_samples` / `window_clip` (clip rank in placeholder
+  order) per window; row r's windows land in slots 0..n_r-1 of `audio[r]`.
+  """
+  size = spec.window_samples
   out = {
       "tokens": np.full((batch, length), pad_id, np.int32),
       "token_mask": np.zeros((batch, length), bool),
       "loss_mask": np.zeros((batch, length), np.float32),
-      "audio": np.zeros((windows, spec.window_samples), np.float32),
-      "audio_samples": np.zeros((windows,), np.int32),
-      "audio_clip": np.full((windows,), -1, np.int32),
+      "audio": np.zeros((batch, windows_per_row, size), np.float32),
+      "audio_samples": np.zeros((batch, windows_per_row), np.int32),
+      "audio_clip": np.full((batch, windows_per_row), -1, np.int32),
       "example_id": np.full((batch,), -1, np.int64),
   }
-  w = clip_base = 0
+  if len(examples) > batch:
+    raise ValueError(f"{len(examples)} examples do not fit a batch of {batch} rows")
   for row, ex in enumerate(examples):
     n = ex["tokens"].size
+    if n > length:
+      raise ValueError(f"example {ex['id']} has {n} tokens, more than the batch length {length}")
+    counts = ex["window_samples"]
+    if counts.size > windows_per_row:
+      raise ValueError(f"example {ex['id']} has {counts.size} audio windows, more than the {windows_per_row} slots "
+                       "of a row")
     out["tokens"][row, :n] = ex["tokens"]
     out["token_mask"][row, :n] = True
     out["loss_mask"][row, :n] = ex["loss_mask"]
     out["example_id"][row] = ex["id"]
     start = 0
-    for n_samples, clip in zip(ex["window_samples"].tolist(), ex["window_clip"].tolist()):
-      out["audio"][w, :n_samples] = ex["pcm"][start : start + n_samples]
-      out["audio_samples"][w] = n_samples
-      out["audio_clip"][w] = clip_base + clip
+    for slot, (n_samples, clip) in enumerate(zip(counts.tolist(), ex["window_clip"].tolist())):
+      out["audio"][row, slot, :n_samples] = ex["pcm"][start : start + n_samples]
+      out["audio_samples"][row, slot] = n_samples
+      out["audio_clip"][row, slot] = clip
       start += n_samples
-      w += 1
-    clip_base += ex["clips"]
   return out
 
 
 def pad_batch(batch: dict[str, np.ndarray], *, length: int, windows: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Pads a batch to a larger (L, W) with padding tokens and padding windows."""
+  """Pads a batch to a larger (L, K) with padding tokens and padding window slots (rows are kept)."""
   b, l0 = batch["tokens"].shape
-  w0 = batch["audio"].shape[0]
-  if length < l0 or windows < w0:
-    raise ValueError(f"cannot shrink a batch of L={l0}, W={w0} to L={length}, W={windows}")
+  k0 = batch["audio"].shape[1]
+  if length < l0 or windows < k0:
+    raise ValueError(f"cannot shrink a batch of L={l0}, K={k0} to L={length}, K={windows}")
   out = dict(batch)
   fills = {"tokens": pad_id, "token_mask": False, "loss_mask": 0.0}
   for key, fill in fills.items():
     out[key] = np.concatenate([batch[key], np.full((b, length - l0), fill, batch[key].dtype)], axis=1)
-  out["audio"] = np.concatenate([batch["audio"], np.zeros((windows - w0, batch["audio"].shape[1]), np.float32)])
-  out["audio_samples"] = np.concatenate([batch["audio_samples"], np.zeros(windows - w0, np.int32)])
-  out["audio_clip"] = np.concatenate([batch["audio_clip"], np.full(windows - w0, -1, np.int32)])
+  size = batch["audio"].shape[2]
+  out["audio"] = np.concatenate([batch["audio"], np.zeros((b, windows - k0, size), np.float32)], axis=1)
+  out["audio_samples"] = np.concatenate([batch["audio_samples"], np.zeros((b, windows - k0), np.int32)], axis=1)
+  out["audio_clip"] = np.concatenate([batch["audio_clip"], np.full((b, windows - k0), -1, np.int32)], axis=1)
   return out
 
 
 def agree_batch_shape(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-  """With several JAX processes, pads every process's batch to the largest (L, W) among them."""
+  """With several JAX processes, pads every process's batch to the largest (L, K) among them."""
   import jax  # pylint: disable=import-outside-toplevel
 
   if jax.process_count() == 1:
     return batch
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  shape = np.asarray([batch["tokens"].shape[1], batch["audio"].shape[0]], np.int32)
+  shape = np.asarray([batch["tokens"].shape[1], batch["audio"].shape[1]], np.int32)
   top = np.asarray(multihost_utils.process_allgather(shape)).reshape(-1, 2).max(axis=0)
   return pad_batch(batch, length=int(top[0]), windows=int(top[1]), pad_id=pad_id)
 
@@ -373,7 +391,7 @@ class SkipStats:
 
 
 class BucketBatchIterator(grain.DatasetIterator):
-  """Groups prepared examples by length bucket and emits fixed-shape batches; checkpointable."""
+  """Groups prepared examples by (length, window) bucket and emits fixed-shape batches; checkpointable."""
 
   FIRST_REASONS = 5
 
@@ -383,8 +401,8 @@ class BucketBatchIterator(grain.DatasetIterator):
     self._lookup, self._cfg, self._spec, self._pad_id = lookup, cfg, spec, pad_id
     self._batch, self._name = local_batch, name
     self._lengths = tuple(cfg.length_buckets)
-    self._windows = cfg.window_sizes(spec, local_batch)
-    self._pending: dict[int, list[dict]] = {l: [] for l in self._lengths}
+    self._windows = cfg.window_sizes(spec)
+    self._pending: dict[tuple[int, int], list[dict]] = {}
     self._stats = SkipStats()
     self._exhausted = False
 
@@ -400,10 +418,16 @@ class BucketBatchIterator(grain.DatasetIterator):
     raise AssertionError(n)
 
   def _window_bucket(self, n: int) -> int:
-    for w in self._windows:
-      if n <= w:
-        return w
+    for k in self._windows:
+      if n <= k:
+        return k
     raise AssertionError(n)
+
+  def _key(self, ex: dict) -> tuple[int, int]:
+    """The bucket an example waits in: its (L, K) when grouping by length, else one shared bucket."""
+    if not self._cfg.group_by_length:
+      return (self._lengths[-1], self._windows[-1])
+    return (self._bucket(ex["tokens"].size), self._window_bucket(ex["window_samples"].size))
 
   def _check_rate(self, final: bool = False) -> None:
     s, cfg = self._stats, self._cfg
@@ -435,32 +459,18 @@ class BucketBatchIterator(grain.DatasetIterator):
     self._check_rate()
     return None
 
-  def _emit(self, key: int) -> dict[str, np.ndarray]:
-    """One batch from the queue of bucket `key`: up to B examples whose windows fit the largest W."""
-    group = self._pending[key]
-    taken, total = [], 0
-    while group and len(taken) < self._batch and total + group[0]["window_samples"].size <= self._windows[-1]:
-      total += group[0]["window_samples"].size
-      taken.append(group.pop(0))
-    length = self._bucket(max(e["tokens"].size for e in taken))  # == key when grouping by length
-    return collate(taken, self._batch, length, self._window_bucket(max(total, 1)), self._spec, self._pad_id)
-
-  def _ready(self, length: int) -> bool:
-    group = self._pending[length]
-    if not group:
-      return False
-    total = sum(e["window_samples"].size for e in group)
-    return len(group) >= self._batch or total > self._windows[-1]
+  def _emit(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+    """One batch of up to B examples from bucket `key`, shaped by the longest row and the most windows."""
+    taken = self._pending.pop(key)
+    length = self._bucket(max(e["tokens"].size for e in taken))  # == key[0] when grouping by length
+    windows = self._window_bucket(max(e["window_samples"].size for e in taken))
+    return collate(taken, self._batch, length, windows, self._spec, self._pad_id)
 
   def __next__(self) -> dict[str, np.ndarray]:
     while True:
-      for length in self._lengths:
-        if self._ready(length):
-          return self._emit(length)
       if self._exhausted:
-        for length in self._lengths:
-          if self._pending[length]:
-            return self._emit(length)
+        if self._pending:
+          return self._emit(min(self._pending))  # partial buckets, in bucket order
         raise StopIteration
       try:
         ex = next(self._parent)
@@ -474,36 +484,40 @@ class BucketBatchIterator(grain.DatasetIterator):
       ex = self._admit(ex)
       if ex is None:
         continue
-      key = self._bucket(ex["tokens"].size) if self._cfg.group_by_length else self._lengths[-1]
-      self._pending[key].append(ex)
+      key = self._key(ex)
+      self._pending.setdefault(key, []).append(ex)
+      if len(self._pending[key]) >= self._batch:
+        return self._emit(key)
 
   def get_state(self) -> dict[str, Any]:
     s = self._stats
     return {
         "parent": self._parent.get_state(),
-        "pending": {str(l): [int(e["pos"]) for e in group] for l, group in self._pending.items()},
+        "pending": {f"{l},{k}": [int(e["pos"]) for e in group] for (l, k), group in sorted(self._pending.items())},
         "exhausted": self._exhausted,
         "seen": s.seen, "skipped": s.skipped, "filtered": s.filtered, "reasons": list(s.reasons),
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    pending = {l: [] for l in self._lengths}
+    pending: dict[tuple[int, int], list[dict]] = {}
     for key, positions in state["pending"].items():
-      if int(key) not in pending:
-        raise DataError(f"{self._name}: saved iterator state uses length bucket {key}, not in data.length_buckets")
+      l, _, k = key.partition(",")
+      if int(l) not in self._lengths or int(k) not in self._windows:
+        raise DataError(f"{self._name}: saved iterator state uses bucket (L, K) = ({key}), not in "
+                        "data.length_buckets × data.window_buckets")
       for pos in positions:
         ex = self._lookup[int(pos)]  # re-prepared here, identical by construction
         if ex["status"] != "ok":
           raise DataError(f"{self._name}: example at position {pos} of the saved state no longer prepares "
                           f"({ex.get('reason', ex['status'])})")
-        pending[int(key)].append(ex)
+        pending.setdefault((int(l), int(k)), []).append(ex)
     self._pending = pending
     self._exhausted = bool(state.get("exhausted", False))
     self._stats = SkipStats(state["seen"], state["skipped"], state["filtered"], list(state["reasons"]))
 
   def __str__(self) -> str:
-    return f"BucketBatchIterator(B={self._batch}, L={self._lengths}, W={self._windows})"
+    return f"BucketBatchIterator(B={self._batch}, L={self._lengths}, K={self._windows})"
 
 
 class AudioBatchDataset(grain.IterDataset):
