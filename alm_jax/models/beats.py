@@ -184,6 +184,35 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
   return buckets[index]
 
 
+def grouped_conv1d(x: jax.Array, kernel: jax.Array, groups: int, padding: tuple[int, int]) -> jax.Array:
+  """`conv_general_dilated(x, kernel, feature_group_count=groups)` in NWC/WIO, as one dense conv per group.
+
+  `x` is `(batch, time, in)`, `kernel` `(taps, in / groups, out)`; group `g`
+  maps input channels `[g·in/G, (g+1)·in/G)` to output channels
+  `[g·out/G, (g+1)·out/G)`, exactly as the grouped conv does (same values, same
+  FLOPs, no im2col). Why not the grouped conv itself: its kernel gradient is a
+  `batch_group_count` conv, which XLA's SPMD partitioner gets wrong when the
+  batch is split over only part of the mesh (e.g. `batch → (data, fsdp)` with
+  `tensor > 1`): it all-reduces the per-shard sums over every device, so the
+  gradient comes out multiplied by the replication factor. Dense convs
+  partition like any batch-sharded op. See docs/grouped_conv_sharding.md.
+  """
+  if x.shape[-1] % groups or kernel.shape[-1] % groups or kernel.shape[1] * groups != x.shape[-1]:
+    raise ValueError(f"grouped_conv1d: input {x.shape} and kernel {kernel.shape} do not fit {groups} groups")
+  step_in, step_out = x.shape[-1] // groups, kernel.shape[-1] // groups
+  outputs = [
+      jax.lax.conv_general_dilated(
+          x[..., g * step_in : (g + 1) * step_in],
+          kernel[..., g * step_out : (g + 1) * step_out],
+          window_strides=(1,),
+          padding=[padding],
+          dimension_numbers=("NWC", "WIO", "NWC"),
+      )
+      for g in range(groups)
+  ]
+  return outputs[0] if groups == 1 else jnp.concatenate(outputs, axis=-1)
+
+
 class PosConv(nnx.Module):
   """Weight-normed grouped Conv1d (`g`·v/‖v‖ per tap) → drop the last frame → GELU.
 
@@ -211,14 +240,7 @@ class PosConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     pad = self.kernel_size // 2
-    y = jax.lax.conv_general_dilated(
-        x,
-        self.weight().astype(x.dtype),
-        window_strides=(1,),
-        padding=[(pad, pad)],
-        dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=self.groups,
-    )
+    y = grouped_conv1d(x, self.weight().astype(x.dtype), self.groups, (pad, pad))
     y = y + self.bias[...].astype(y.dtype)
     if self.kernel_size % 2 == 0:  # `SamePad`: an even kernel gives one frame too many
       y = y[:, :-1]
