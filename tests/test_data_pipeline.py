@@ -6,11 +6,15 @@ import logging
 
 import numpy as np
 import pytest
+import soundfile as sf
 
+from alm_jax.audio import io as audio_io
 from alm_jax.audio.io import load_audio, write_wav
 from alm_jax.config import ConfigError
 from alm_jax.data import synth as corpus
+from alm_jax.data.examples import Prepare
 from alm_jax.data.pipeline import BATCH_KEYS, DataConfig, batch_shapes, make_dataset, pad_batch, tokenizer_file
+from alm_jax.data.sources import open_source
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import AudioError, DataError
 from alm_jax.models.audio_slots import AudioTokenSpec, num_audio_tokens, num_windows
@@ -171,11 +175,22 @@ def _ids(ds, n, state=None, save_at=None):
     it.close()
 
 
+def _pending(state):
+  """Positions waiting in buckets anywhere in a (possibly per-worker) iterator state."""
+  if isinstance(state, dict):
+    if "pending" in state:
+      return [p for group in state["pending"].values() for p in group]
+    return [p for v in state.values() for p in _pending(v)]
+  if isinstance(state, list):
+    return [p for v in state for p in _pending(v)]
+  return []
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_gives_exactly_the_uninterrupted_examples(data_dir, tok, workers):
   c = cfg(data_dir, workers=workers, seed=5)
   full, state = _ids(make_dataset(c, SPEC, tok, split="train", process_index=0, process_count=1), 12, save_at=5)
-  assert any(state["pending"].values()), "the checkpoint should hold examples waiting in buckets"
+  assert any(_pending(state)), "the checkpoint should hold examples waiting in buckets"
   rest, _ = _ids(make_dataset(c, SPEC, tok, split="train", process_index=0, process_count=1), 7, state)
   assert full[5:] == rest
   # Epochs reshuffle and repeat: ids keep coming past the 32 training examples.
@@ -193,7 +208,7 @@ def test_train_order_depends_on_seed_and_covers_each_epoch(data_dir, tok):
   assert [i for b in other for i in b["example_id"].tolist() if i >= 0] != ids
 
 
-def test_each_process_reads_its_own_shard(data_dir, tok):
+def test_each_process_loads_its_rows_of_the_global_batches(data_dir, tok):
   c = cfg(data_dir, eval_path=str(data_dir / "train.jsonl"), batch_size=8)
   per_process = []
   for p in range(2):
@@ -235,6 +250,66 @@ def test_random_crop_in_training_only(tmp_path, tok):
   starts = [int(np.nonzero(np.all(heads == c[:8], axis=1))[0][0]) for c in crops]
   assert starts[0] != starts[1] and all(0 <= s <= 32000 for s in starts)
   np.testing.assert_array_equal(first_window("train", 0), crops[0])
+
+
+def test_clip_lengths_come_from_headers_and_decoded_audio_is_fitted_to_them(tmp_path, tok, monkeypatch):
+  rng = np.random.default_rng(3)
+  sf.write(tmp_path / "a.flac", rng.uniform(-0.5, 0.5, 44100 + 3).astype(np.float32), 44100)
+  write_wav(tmp_path / "b.wav", rng.uniform(-0.5, 0.5, 2 * 22050 + 1).astype(np.float32), 22050)
+  span = {"path": "b.wav", "start": 0.25, "end": 1.5}
+  (tmp_path / "m.jsonl").write_text(json.dumps({"audio": ["a.flac", span], "text": "x"}) + "\n")
+  c = cfg(tmp_path / "m.jsonl")
+  decoded = [load_audio(str(tmp_path / "a.flac")), load_audio(str(tmp_path / "b.wav"), start=0.25, end=1.5)]
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("measuring decoded audio")
+
+  with monkeypatch.context() as m:  # measuring reads headers only
+    m.setattr(audio_io, "load_audio", no_decoding)
+    m.setattr(audio_io, "decode_audio_bytes", no_decoding)
+    meta = Prepare(c, SPEC, tok, train=False, seed=0).measure(0, open_source(str(tmp_path / "m.jsonl"), "test")[0])
+  assert meta["status"] == "ok" and [plan[0] for plan in meta["plans"]] == [d.size for d in decoded]
+
+  def clip_windows(b):
+    slots = b["audio_clip"][0]
+    return [np.concatenate([b["audio"][0, s, : b["audio_samples"][0, s]] for s in np.nonzero(slots == k)[0]])
+            for k in range(2)]
+
+  def first_batch():
+    return batches(make_dataset(c, SPEC, tok, split="test", process_index=0, process_count=1))[0]
+
+  for got, want in zip(clip_windows(first_batch()), decoded):
+    np.testing.assert_array_equal(got, want)
+  # A decoder giving a sample more, or one fewer, than the header: the PCM is fitted to the measured length.
+  for change in (1, -1):
+    real = audio_io.load_audio
+    monkeypatch.setattr(audio_io, "load_audio", lambda *a, change=change, real=real, **k: (
+        np.append(real(*a, **k), np.float32(0.25)) if change > 0 else real(*a, **k)[:-1]))
+    b = first_batch()
+    monkeypatch.setattr(audio_io, "load_audio", real)
+    for got, want in zip(clip_windows(b), decoded):
+      np.testing.assert_array_equal(got, want if change > 0 else np.append(want[:-1], np.float32(0)))
+    ids = b["tokens"][0][b["token_mask"][0]]
+    assert (ids == tok.audio_id).sum() == sum(num_audio_tokens(d.size, SPEC) for d in decoded)
+
+
+def test_a_clip_failing_to_decode_after_its_header_raises_or_leaves_a_padding_row(tmp_path, tok, caplog):
+  sf.write(tmp_path / "whole.flac", np.random.default_rng(4).uniform(-0.5, 0.5, 12000).astype(np.float32), 16000)
+  data = (tmp_path / "whole.flac").read_bytes()
+  (tmp_path / "cut.flac").write_bytes(data[: len(data) // 2])  # the header still says 0.75 s, as good.wav
+  good = json.dumps(_good(tmp_path))
+  manifest = tmp_path / "m.jsonl"
+  manifest.write_text("\n".join([good] * 3 + [json.dumps({"audio": ["cut.flac"], "text": "fine"})] + [good] * 4)
+                      + "\n")
+  with pytest.raises(AudioError, match=f"cut.flac: cannot decode audio.*{manifest}:4"):
+    batches(make_dataset(cfg(manifest), SPEC, tok, split="test", process_index=0, process_count=1))
+  it = iter(make_dataset(cfg(manifest, skip_bad=True), SPEC, tok, split="test", process_index=0, process_count=1))
+  with caplog.at_level(logging.WARNING, logger="alm_jax.data"):
+    got = [b["example_id"].tolist() for b in it]
+  assert got == [[0, 1, 2, -1], [4, 5, 6, 7]]  # the example keeps its place in the plan; its row is padding
+  assert (it.stats.seen, it.stats.skipped, it.stats.decode_failed) == (8, 0, 1)
+  assert any("failed to decode" in r.message and "cut.flac" in r.message for r in caplog.records)
+  it.close()
 
 
 # --- bad input, case by case -------------------------------------------------------------------

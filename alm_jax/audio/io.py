@@ -204,6 +204,77 @@ def decode_audio_bytes(
   return _finish(pcm, rate, sample_rate, name)
 
 
+def resampled_length(frames: int, rate: int, sample_rate: int) -> int:
+  """Samples `frames` samples at `rate` become at `sample_rate`: round(frames × sample_rate / rate), as soxr gives."""
+  if int(rate) == int(sample_rate):
+    return int(frames)
+  return int(frames * sample_rate / rate + 0.5)
+
+
+def _header_frames(source: Any, start: float | None, end: float | None, name: str) -> tuple[int, int]:
+  """Frames of the [start, end) span and the native rate, from libsndfile's header only."""
+  with sf.SoundFile(source) as f:
+    rate, total = int(f.samplerate), int(f.frames)
+  if total >= 2**62:  # libsndfile's "unknown length" (a stream without a frame count)
+    raise ValueError("the header gives no frame count")
+  if total <= 0:
+    raise AudioError(f"{name}: audio is empty (0 samples)")
+  first, last = _span_frames(start, end, rate, total, name)
+  return last - first, rate
+
+
+def clip_length(
+    source: PathLike | bytes, *, name: str | None = None, sample_rate: int = 16000, start: float | None = None,
+    end: float | None = None
+) -> int:
+  """Samples a clip (a file path, or encoded bytes) holds at `sample_rate`, from its header: no decoding.
+
+  The checks and one-line messages are those of `load_audio` /
+  `decode_audio_bytes` (missing or empty file, span beyond the clip's end).
+  The length is the header's frame count of the span, resampled by
+  `resampled_length`; a decoder can return a sample more or less (or fewer
+  frames than a compressed header estimates), so the pipeline fits decoded PCM
+  to this length. Where libsndfile cannot read the header (formats only
+  audioread decodes), the clip is decoded, since nothing else gives its exact
+  length.
+  """
+  if isinstance(source, (bytes, bytearray, memoryview)):
+    name = name or "<bytes>"
+    if not source:
+      raise AudioError(f"{name}: audio record is empty (0 bytes)")
+    try:
+      frames, rate = _header_frames(io.BytesIO(source), start, end, name)
+    except AudioError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      return decode_audio_bytes(bytes(source), name=name, sample_rate=sample_rate, start=start, end=end).size
+    return resampled_length(frames, rate, sample_rate)
+  path = os.fspath(source)
+  name = name or path
+  if not os.path.exists(path):
+    raise AudioError(f"{name}: no such audio file")
+  if os.path.isdir(path):
+    raise AudioError(f"{name}: is a directory, not an audio file")
+  if os.path.getsize(path) == 0:
+    raise AudioError(f"{name}: audio file is empty (0 bytes)")
+  try:
+    frames, rate = _header_frames(path, start, end, name)
+  except AudioError:
+    raise
+  except Exception:  # pylint: disable=broad-except
+    return load_audio(path, sample_rate=sample_rate, start=start, end=end).size
+  return resampled_length(frames, rate, sample_rate)
+
+
+def fit_length(pcm: np.ndarray, samples: int) -> np.ndarray:
+  """`pcm` trimmed, or zero-padded at the end, to exactly `samples` samples."""
+  if pcm.shape[0] > samples:
+    return pcm[:samples]
+  if pcm.shape[0] < samples:
+    return np.pad(pcm, [(0, samples - pcm.shape[0])] + [(0, 0)] * (pcm.ndim - 1))
+  return pcm
+
+
 def audio_duration(path: PathLike) -> float:
   """Duration of an audio file in seconds, read from its header where the format has one."""
   name = os.fspath(path)

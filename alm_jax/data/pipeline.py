@@ -1,16 +1,28 @@
-"""Grain input pipeline: examples → fixed-shape, length-bucketed batches with per-row audio slots.
+"""Grain input pipeline: examples → the same global batches on every process → this process's rows.
 
-    source (manifest / ArrayRecord / TFDS) ─▶ grain.MapDataset
-      ─▶ shuffle (train, per-epoch reshuffle) ─▶ repeat ─▶ this process's slice [i::n]
-      ─▶ prepare (workers): parse, decode + resample, crop/pad, placeholder counts,
-         chat template + tokenise, loss mask
-      ─▶ mp_prefetch (data.workers processes)
-      ─▶ bucket + batch (main process): count/skip bad examples, pad to fixed shapes
+    source (manifest / ArrayRecord / TFDS) ─▶ grain.MapDataset: the global order
+      ─▶ shuffle (train, per-epoch reshuffle) ─▶ repeat
+      ─▶ measure (grain reader threads, every process, every example): parse, clip
+         lengths from headers, crop/pad plan, placeholder counts, chat template +
+         tokenise, loss mask; bad examples judged here (`examples.py`)
+      ─▶ plan (`BatchPlanner`): count/skip bad examples, bucket by (L, K), emit
+         global batches of `data.batch_size` rows
+      ─▶ load this process's `rows` of each global batch: decode + resample, fit to
+         the measured length, crop/pad, windows; collate to [len(rows), L, K, …]
+      ─▶ mp_prefetch (data.workers processes: worker w of n plans every batch and
+         loads batches w, w + n, …; grain interleaves them back in order)
 
-Batch contract — one batch is a dict of numpy arrays; B is the per-process batch
-(`data.batch_size / process_count`), L a length bucket (`data.length_buckets`),
-K a window bucket (`data.window_buckets`: audio windows per row) and
-S = `spec.window_samples`:
+The batch sequence is a function of the global example order alone: one
+process or N processes (any `rows` split) give the same global batches, and
+each process's batch is exactly its rows of them. Each decoding worker plans
+the whole order itself (measuring is cheap next to decoding — a header read
+and a tokenisation per example — but it is repeated in every worker of every
+process).
+
+Batch contract — one batch is a dict of numpy arrays; B is the number of global
+rows this process loads (`len(rows)`, `data.batch_size / process_count` by
+default), L a length bucket (`data.length_buckets`), K a window bucket
+(`data.window_buckets`: audio windows per row) and S = `spec.window_samples`:
 
   tokens        int32   [B, L]     ids right-padded with the pad id. Clip k of an example
                                    is a span of n_k placeholder ids (n_k =
@@ -34,25 +46,33 @@ S = `spec.window_samples`:
 Every batch has exactly B rows (missing rows are padding: token_mask False,
 loss_mask 0, example_id -1) and one of a few (L, K) shapes, so the train step
 compiles a handful of programs. K is the smallest window bucket holding the
-most windows any row of the batch needs; an example needing more windows than
-the largest bucket is a bad example. With `data.group_by_length` examples are
-grouped by (length bucket, window bucket), so rows with many windows batch
-together and single-clip rows are not padded to many slots; a batch is emitted
-when its bucket holds B examples, and a finite split flushes partial buckets at
-the end in bucket order.
+most windows any row of the global batch needs; an example needing more
+windows than the largest bucket is a bad example. With `data.group_by_length`
+examples are grouped by (length bucket, window bucket), so rows with many
+windows batch together and single-clip rows are not padded to many slots; a
+global batch is emitted when its bucket holds `data.batch_size` examples, and a
+finite split flushes partial buckets at the end in bucket order.
 
-Each process picks its buckets on its own: with several processes, call
-`agree_batch_shape` (or `pad_batch`) before building global arrays.
+Bad examples (unreadable record or audio header, too many clips or windows,
+too short, too long, no answer) are judged while measuring, identically on
+every process; `data.skip_bad` skips and counts them (`data.max_skip_rate`).
+A clip whose header reads but whose audio then fails to decode is found only
+by the process loading that row: it raises `AudioError` naming the file and
+the record, or with `data.skip_bad` its row becomes a padding row (the same
+row in every process layout, since it depends only on the file), logged and
+counted in `stats.decode_failed` of that process.
 
 Iterator state (`get_state` / `set_state`, JSON-serialisable, saved by Orbax
-with the train state) holds grain's position plus the source positions of the
-examples waiting in buckets, so a restored iterator yields exactly the batches
-an uninterrupted one would — with or without worker processes (restore with the
-same `data.workers`).
+with the train state) holds the planner's position in the global order, the
+positions of the examples waiting in buckets (measured again on restore) and
+the counts, so a restored iterator yields exactly the batches an uninterrupted
+one would — with or without worker processes (restore with the same
+`data.workers`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -62,12 +82,13 @@ import grain
 import numpy as np
 
 from alm_jax.config import ConfigError, from_dict, require
-from alm_jax.data.records import DEFAULT_PROMPTS, Clip
-from alm_jax.data.sources import RawExample, open_source, to_record
+from alm_jax.data.examples import Prepare
+from alm_jax.data.records import DEFAULT_PROMPTS
+from alm_jax.data.sources import open_source
 from alm_jax.data.templates import TEMPLATES
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import AudioError, DataError
-from alm_jax.models.audio_slots import AudioTokenSpec, num_audio_tokens, num_windows
+from alm_jax.models.audio_slots import AudioTokenSpec
 
 log = logging.getLogger("alm_jax.data")
 
@@ -93,8 +114,9 @@ class DataConfig:
     shuffle / seed / num_epochs: train order (reshuffled every epoch); None
       epochs repeats forever. Eval splits are read once, in order.
     workers: decoding processes (0: decode in this process); read_threads:
-      grain reader threads per process; worker_buffer: examples each worker
-      prepares ahead.
+      threads measuring examples (grain reader threads) and decoding a
+      batch's rows, in each process or worker; worker_buffer: examples each
+      worker prepares ahead (rounded up to whole local batches).
     skip_bad: skip and count malformed examples instead of raising.
     max_skip_rate: stop with an error when skipped / seen exceeds this
       (checked after `skip_check_after` examples, and at the end of a split).
@@ -198,111 +220,7 @@ def batch_shapes(cfg: DataConfig, spec: AudioTokenSpec, process_count: int = 1) 
   return out
 
 
-# --- per-example preparation (runs in grain workers) ------------------------------------------
-
-
-def load_clip(clip: Clip, sample_rate: int) -> np.ndarray:
-  """A clip's float32 mono PCM at `sample_rate` (file, encoded bytes or decoded PCM)."""
-  from alm_jax.audio import io as audio_io  # pylint: disable=import-outside-toplevel
-
-  if clip.pcm is not None:
-    pcm = audio_io.to_float32(np.asarray(clip.pcm), name=clip.name)
-    if pcm.ndim == 2:
-      pcm = pcm.mean(axis=1, dtype=np.float32)
-    if pcm.size == 0:
-      raise AudioError(f"{clip.name}: audio is empty (0 samples)")
-    if clip.sample_rate != sample_rate:
-      import soxr  # pylint: disable=import-outside-toplevel
-
-      pcm = soxr.resample(pcm, clip.sample_rate, sample_rate, quality="HQ").astype(np.float32)
-    return pcm
-  if clip.data is not None:
-    return audio_io.decode_audio_bytes(clip.data, name=clip.name, sample_rate=sample_rate, start=clip.start,
-                                       end=clip.end)
-  return audio_io.load_audio(clip.path, sample_rate=sample_rate, start=clip.start, end=clip.end)
-
-
-class Prepare:
-  """Turns (position, RawExample) into a ready example dict, or a `bad` / `filtered` marker.
-
-  Never raises for bad input: `DataError` / `AudioError` become
-  `{"status": "bad", "reason"}` so the main process counts them in order.
-  Randomness (crop/pad offsets) comes from (seed, position) only.
-  """
-
-  def __init__(self, cfg: DataConfig, spec: AudioTokenSpec, tokenizer: Tokenizer, *, train: bool, seed: int):
-    self.cfg, self.spec, self.tokenizer, self.train, self.seed = cfg, spec, tokenizer, train, seed
-    self.max_length = max(cfg.length_buckets)
-
-  def __call__(self, position: int, raw: RawExample) -> dict:
-    try:
-      return self._prepare(position, raw)
-    except (DataError, AudioError) as e:
-      return {"status": "bad", "pos": int(position), "id": int(raw.index), "reason": str(e),
-              "error": type(e).__name__}
-
-  def _crop(self, pcm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    sr, spec, cfg = self.spec.sample_rate, self.spec, self.cfg
-    limit = spec.max_windows * spec.window_samples
-    if cfg.max_clip_seconds is not None:
-      limit = min(limit, int(round(cfg.max_clip_seconds * sr)))
-    if pcm.size > limit:
-      start = int(rng.integers(0, pcm.size - limit + 1)) if self.train and cfg.max_clip_seconds is not None else 0
-      pcm = pcm[start : start + limit]
-    least = int(round(cfg.min_clip_seconds * sr))
-    if pcm.size < least:
-      offset = int(rng.integers(0, least - pcm.size + 1)) if self.train else 0
-      pcm = np.pad(pcm, (offset, least - pcm.size - offset))
-    return pcm
-
-  def _prepare(self, position: int, raw: RawExample) -> dict:
-    record = to_record(raw, self.cfg.prompts)
-    base = {"pos": int(position), "id": int(raw.index)}
-    if self.cfg.tasks and record.task not in self.cfg.tasks:
-      return {"status": "filtered", **base}
-    if len(record.clips) > self.cfg.max_clips:
-      raise DataError(f"{record.origin}: {len(record.clips)} clips, more than data.max_clips={self.cfg.max_clips}")
-    rng = np.random.default_rng([self.seed, int(position)])
-    pcms, counts = [], []
-    for clip in record.clips:
-      try:
-        pcm = self._crop(load_clip(clip, self.spec.sample_rate), rng)
-      except AudioError as e:
-        raise AudioError(f"{e} [{record.origin}]") from None
-      try:
-        counts.append(num_audio_tokens(pcm.size, self.spec))
-      except ValueError:
-        raise AudioError(f"{clip.name}: clip of {pcm.size} samples is too short to give an audio token "
-                         f"[{record.origin}]") from None
-      pcms.append(pcm)
-    try:
-      segments = self.tokenizer.render(record.messages, counts)
-    except DataError as e:
-      raise DataError(f"{record.origin}: {e}") from None
-    tokens, loss_mask, _ = self.tokenizer.encode_segments(segments)
-    if tokens.size > self.max_length:
-      raise DataError(f"{record.origin}: {tokens.size} tokens, longer than the largest length bucket "
-                      f"{self.max_length} (data.length_buckets)")
-    if self.train and not loss_mask.any():
-      raise DataError(f"{record.origin}: no assistant answer to learn from")
-    order = [s.clip for s in segments if s.kind == "audio"]  # clips in placeholder order
-    pieces, window_samples, window_clip = [], [], []
-    size = self.spec.window_samples
-    for rank, k in enumerate(order):
-      pcm = pcms[k]
-      for w in range(num_windows(pcm.size, self.spec)):
-        piece = pcm[w * size : (w + 1) * size]
-        pieces.append(piece)
-        window_samples.append(piece.size)
-        window_clip.append(rank)
-    # One PCM array per example (windows back to back): one shared-memory block between processes.
-    return {"status": "ok", **base, "tokens": tokens, "loss_mask": loss_mask,
-            "pcm": np.concatenate(pieces).astype(np.float32, copy=False),
-            "window_samples": np.asarray(window_samples, np.int32), "window_clip": np.asarray(window_clip, np.int32),
-            "clips": len(order)}
-
-
-# --- batching (main process) ------------------------------------------------------------------
+# --- batching -------------------------------------------------------------------------------
 
 
 def collate(examples: Sequence[dict], batch: int, length: int, windows_per_row: int, spec: AudioTokenSpec,
@@ -311,7 +229,8 @@ def collate(examples: Sequence[dict], batch: int, length: int, windows_per_row: 
 
   Each example dict holds `tokens`, `loss_mask`, `id`, and its windows back to
   back in `pcm` with `window_samples` / `window_clip` (clip rank in placeholder
-  order) per window; row r's windows land in slots 0..n_r-1 of `audio[r]`.
+  order) per window; row r's windows land in slots 0..n_r-1 of `audio[r]`. A
+  `None` example, and every row past the last example, is a padding row.
   """
   size = spec.window_samples
   out = {
@@ -326,6 +245,8 @@ def collate(examples: Sequence[dict], batch: int, length: int, windows_per_row: 
   if len(examples) > batch:
     raise ValueError(f"{len(examples)} examples do not fit a batch of {batch} rows")
   for row, ex in enumerate(examples):
+    if ex is None:  # a padding row
+      continue
     n = ex["tokens"].size
     if n > length:
       raise ValueError(f"example {ex['id']} has {n} tokens, more than the batch length {length}")
@@ -364,7 +285,12 @@ def pad_batch(batch: dict[str, np.ndarray], *, length: int, windows: int, pad_id
 
 
 def agree_batch_shape(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-  """With several JAX processes, pads every process's batch to the largest (L, K) among them."""
+  """With several JAX processes, pads every process's batch to the largest (L, K) among them.
+
+  Batches from `make_dataset` are rows of one global batch, so their (L, K)
+  already agree on every process and this changes nothing; it stays for
+  callers that build batches some other way.
+  """
   import jax  # pylint: disable=import-outside-toplevel
 
   if jax.process_count() == 1:
@@ -378,56 +304,69 @@ def agree_batch_shape(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np
 
 @dataclasses.dataclass
 class SkipStats:
-  """Counts of examples seen, skipped as bad, and filtered out by `data.tasks`."""
+  """Examples seen, skipped as bad and filtered out by `data.tasks` (the same on every process), plus
+  `decode_failed`: rows this process left as padding because a clip failed to decode (`skip_bad` only)."""
 
   seen: int = 0
   skipped: int = 0
   filtered: int = 0
   reasons: list = dataclasses.field(default_factory=list)
+  decode_failed: int = 0
 
   @property
   def rate(self) -> float:
     return self.skipped / self.seen if self.seen else 0.0
 
 
-class BucketBatchIterator(grain.DatasetIterator):
-  """Groups prepared examples by (length, window) bucket and emits fixed-shape batches; checkpointable."""
+@dataclasses.dataclass(frozen=True)
+class PlannedBatch:
+  """One global batch of the plan: measured examples for global rows 0..n-1 (n <= B), and its (L, K)."""
+
+  index: int
+  examples: tuple[dict, ...]
+  length: int
+  windows: int
+
+
+class BatchPlanner:
+  """The global batch sequence: measures the global order, buckets examples by (L, K), emits B-row batches.
+
+  A function of the global order and the config alone, so every process (and
+  every decoding worker) plans the same batches. Checkpointable: the state
+  holds the next position to measure, the positions waiting in buckets
+  (re-measured on restore), the skip counts and the number of batches planned.
+  """
 
   FIRST_REASONS = 5
 
-  def __init__(self, parent: grain.DatasetIterator, lookup: grain.MapDataset, cfg: DataConfig,
-               spec: AudioTokenSpec, pad_id: int, local_batch: int, name: str):
-    super().__init__(parent)
-    self._lookup, self._cfg, self._spec, self._pad_id = lookup, cfg, spec, pad_id
-    self._batch, self._name = local_batch, name
+  def __init__(self, measured: grain.MapDataset, cfg: DataConfig, spec: AudioTokenSpec,
+               read_options: grain.ReadOptions, name: str):
+    self._measured, self._cfg, self._read_options, self._name = measured, cfg, read_options, name
+    self._size = cfg.batch_size
     self._lengths = tuple(cfg.length_buckets)
     self._windows = cfg.window_sizes(spec)
     self._pending: dict[tuple[int, int], list[dict]] = {}
     self._stats = SkipStats()
+    self._next = 0  # global position of the next example to measure
+    self._batches = 0  # batches planned so far
     self._exhausted = False
+    self._stream = None  # measured[self._next:], iterated with grain's reader threads; made on first use
 
   @property
   def stats(self) -> SkipStats:
-    """Seen / skipped / filtered counts and the first few skip reasons."""
     return self._stats
 
-  def _bucket(self, n: int) -> int:
-    for l in self._lengths:
-      if n <= l:
-        return l
-    raise AssertionError(n)
-
-  def _window_bucket(self, n: int) -> int:
-    for k in self._windows:
-      if n <= k:
-        return k
+  def _bucket(self, n: int, sizes: tuple[int, ...]) -> int:
+    for size in sizes:
+      if n <= size:
+        return size
     raise AssertionError(n)
 
   def _key(self, ex: dict) -> tuple[int, int]:
     """The bucket an example waits in: its (L, K) when grouping by length, else one shared bucket."""
     if not self._cfg.group_by_length:
       return (self._lengths[-1], self._windows[-1])
-    return (self._bucket(ex["tokens"].size), self._window_bucket(ex["window_samples"].size))
+    return (self._bucket(ex["tokens"].size, self._lengths), self._bucket(ex["windows"], self._windows))
 
   def _check_rate(self, final: bool = False) -> None:
     s, cfg = self._stats, self._cfg
@@ -437,15 +376,11 @@ class BucketBatchIterator(grain.DatasetIterator):
           f"data.max_skip_rate={cfg.max_skip_rate}; first reasons: " + " | ".join(s.reasons))
 
   def _admit(self, ex: dict) -> dict | None:
-    """Counts one prepared element; returns it if it is a usable example."""
+    """Counts one measured example; returns it if it is usable."""
     if ex["status"] == "filtered":
       self._stats.filtered += 1
       return None
     self._stats.seen += 1
-    if ex["status"] == "ok" and ex["window_samples"].size > self._windows[-1]:
-      ex = {"status": "bad", "error": "DataError", "reason": (
-          f"{self._name}: example {ex['id']} needs {ex['window_samples'].size} audio windows, more than the largest "
-          f"window bucket {self._windows[-1]} (data.window_buckets)")}
     if ex["status"] == "ok":
       return ex
     if not self._cfg.skip_bad:
@@ -453,53 +388,51 @@ class BucketBatchIterator(grain.DatasetIterator):
     self._stats.skipped += 1
     if len(self._stats.reasons) < self.FIRST_REASONS:
       self._stats.reasons.append(ex["reason"])
-      log.warning("skipping bad example (%d so far): %s", self._stats.skipped, ex["reason"])
-    elif self._stats.skipped % 100 == 0:
-      log.warning("%s: %d bad examples skipped of %d seen", self._name, self._stats.skipped, self._stats.seen)
     self._check_rate()
     return None
 
-  def _emit(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
-    """One batch of up to B examples from bucket `key`, shaped by the longest row and the most windows."""
+  def _emit(self, key: tuple[int, int]) -> PlannedBatch:
     taken = self._pending.pop(key)
-    length = self._bucket(max(e["tokens"].size for e in taken))  # == key[0] when grouping by length
-    windows = self._window_bucket(max(e["window_samples"].size for e in taken))
-    return collate(taken, self._batch, length, windows, self._spec, self._pad_id)
+    length = self._bucket(max(e["tokens"].size for e in taken), self._lengths)  # == key[0] when grouping
+    windows = self._bucket(max(e["windows"] for e in taken), self._windows)
+    self._batches += 1
+    return PlannedBatch(self._batches - 1, tuple(taken), length, windows)
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def next(self) -> PlannedBatch:
+    """The next global batch; raises StopIteration after a finite order's last (flushed) batch."""
     while True:
       if self._exhausted:
         if self._pending:
           return self._emit(min(self._pending))  # partial buckets, in bucket order
         raise StopIteration
+      if self._stream is None:
+        self._stream = iter(self._measured[self._next :].to_iter_dataset(self._read_options))
       try:
-        ex = next(self._parent)
+        ex = next(self._stream)
       except StopIteration:
         self._exhausted = True
         self._check_rate(final=True)
-        if self._stats.skipped:
-          log.warning("%s: %d bad examples skipped of %d seen; first reasons: %s", self._name, self._stats.skipped,
-                      self._stats.seen, " | ".join(self._stats.reasons))
         continue
+      assert ex["pos"] == self._next, (ex["pos"], self._next)
+      self._next += 1
       ex = self._admit(ex)
       if ex is None:
         continue
       key = self._key(ex)
       self._pending.setdefault(key, []).append(ex)
-      if len(self._pending[key]) >= self._batch:
+      if len(self._pending[key]) >= self._size:
         return self._emit(key)
 
   def get_state(self) -> dict[str, Any]:
     s = self._stats
     return {
-        "parent": self._parent.get_state(),
+        "next": self._next, "batches": self._batches, "exhausted": self._exhausted,
         "pending": {f"{l},{k}": [int(e["pos"]) for e in group] for (l, k), group in sorted(self._pending.items())},
-        "exhausted": self._exhausted,
         "seen": s.seen, "skipped": s.skipped, "filtered": s.filtered, "reasons": list(s.reasons),
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
+    self.close()
     pending: dict[tuple[int, int], list[dict]] = {}
     for key, positions in state["pending"].items():
       l, _, k = key.partition(",")
@@ -507,35 +440,215 @@ class BucketBatchIterator(grain.DatasetIterator):
         raise DataError(f"{self._name}: saved iterator state uses bucket (L, K) = ({key}), not in "
                         "data.length_buckets × data.window_buckets")
       for pos in positions:
-        ex = self._lookup[int(pos)]  # re-prepared here, identical by construction
+        ex = self._measured[int(pos)]  # measured again here, identical by construction
         if ex["status"] != "ok":
           raise DataError(f"{self._name}: example at position {pos} of the saved state no longer prepares "
                           f"({ex.get('reason', ex['status'])})")
         pending.setdefault((int(l), int(k)), []).append(ex)
     self._pending = pending
-    self._exhausted = bool(state.get("exhausted", False))
+    self._next, self._batches = int(state["next"]), int(state["batches"])
+    self._exhausted = bool(state["exhausted"])
     self._stats = SkipStats(state["seen"], state["skipped"], state["filtered"], list(state["reasons"]))
 
+  def close(self) -> None:
+    """Stops the reader threads of the measuring stream."""
+    if self._stream is not None and hasattr(self._stream, "close"):
+      self._stream.close()
+    self._stream = None
+
+
+class LoadBatchesDataset(grain.IterDataset):
+  """Plans the global batches and loads this process's rows of them: one element per local batch.
+
+  Under `mp_prefetch` grain hands each decoding worker w of n the slice
+  (w, n) through `set_slice`: the worker plans every batch (the plan needs the
+  whole order) but decodes and collates only batches b with b % n == w, and
+  grain interleaves the workers' elements back in batch order. Elements are
+  `{"rows", "length", "windows", "stats", "failed"}` — the loaded examples
+  (None for padding rows), compact (real samples only, through shared memory
+  between processes), collated into the padded batch by the consumer — then
+  one `{"end", "stats"}` after a finite order.
+  """
+
+  def __init__(self, examples: grain.MapDataset, measured: grain.MapDataset, prepare: Prepare, cfg: DataConfig,
+               spec: AudioTokenSpec, rows: tuple[int, ...], read_options: grain.ReadOptions, name: str):
+    super().__init__()
+    self.examples, self.measured, self.prepare, self.cfg, self.spec = examples, measured, prepare, cfg, spec
+    self.rows, self.read_options, self.name = rows, read_options, name
+    self.first, self.step = 0, 1  # this worker's batches: first, first + step, ...
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """Keeps the batches of one decoding worker (grain's `mp_prefetch` calls this in each worker)."""
+    if sequential_slice or sl.stop is not None:
+      raise ValueError(f"{self}: only strided slices (worker w of n) are supported, got {sl}")
+    self.first += self.step * (sl.start or 0)
+    self.step *= sl.step or 1
+
+  def __iter__(self) -> "LoadBatchesIterator":
+    return LoadBatchesIterator(self)
+
   def __str__(self) -> str:
-    return f"BucketBatchIterator(B={self._batch}, L={self._lengths}, K={self._windows})"
+    return f"LoadBatchesDataset({self.name}, rows={list(self.rows)}, batches {self.first}::{self.step})"
+
+
+class LoadBatchesIterator(grain.DatasetIterator):
+  """Iterator of `LoadBatchesDataset`; its state is the planner's (JSON-serialisable)."""
+
+  def __init__(self, ds: LoadBatchesDataset):
+    super().__init__()
+    self._ds = ds
+    self._planner = BatchPlanner(ds.measured, ds.cfg, ds.spec, ds.read_options, ds.name)
+    self._pool = None
+    self._ended = False
+
+  def _counts(self) -> dict[str, Any]:
+    s = self._planner.stats
+    return {"seen": s.seen, "skipped": s.skipped, "filtered": s.filtered, "reasons": list(s.reasons)}
+
+  def _load_one(self, meta: dict) -> tuple[dict | None, str | None]:
+    """One row decoded, or (None, reason) when a clip fails to decode and `skip_bad` is on."""
+    try:
+      return self._ds.prepare.load(meta, self._ds.examples[meta["pos"]]), None
+    except AudioError as e:
+      if not self._ds.cfg.skip_bad:
+        raise
+      return None, str(e)
+
+  def _load(self, plan: PlannedBatch) -> tuple[list[dict | None], list[str]]:
+    """This process's rows of `plan`, in `rows` order; rows past the batch's examples are padding."""
+    metas = [plan.examples[r] if r < len(plan.examples) else None for r in self._ds.rows]
+    todo = [m for m in metas if m is not None]
+    threads = min(self._ds.cfg.read_threads, len(todo))
+    if threads > 1:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._ds.cfg.read_threads, thread_name_prefix="alm-decode")
+      loaded = iter(list(self._pool.map(self._load_one, todo)))
+    else:
+      loaded = iter([self._load_one(m) for m in todo])
+    rows, failed = [], []
+    for meta in metas:
+      if meta is None:
+        rows.append(None)
+        continue
+      example, reason = next(loaded)
+      rows.append(example)
+      if reason is not None:
+        failed.append(reason)
+    return rows, failed
+
+  def __next__(self) -> dict[str, Any]:
+    if self._ended:
+      raise StopIteration
+    ds = self._ds
+    while True:
+      try:
+        plan = self._planner.next()
+      except StopIteration:
+        self._ended = True
+        return {"end": True, "stats": self._counts()}
+      if plan.index >= ds.first and (plan.index - ds.first) % ds.step == 0:
+        break
+    rows, failed = self._load(plan)
+    return {"rows": rows, "length": plan.length, "windows": plan.windows, "stats": self._counts(), "failed": failed}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"planner": self._planner.get_state(), "ended": self._ended}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._planner.set_state(state["planner"])
+    self._ended = bool(state["ended"])
+
+  def close(self) -> None:
+    self._planner.close()
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+      self._pool = None
+    super().close()
+
+  def __str__(self) -> str:
+    return f"LoadBatchesIterator({self._ds})"
+
+
+class BatchIterator(grain.DatasetIterator):
+  """This process's batches, in the global batch order; checkpointable, with `.stats`.
+
+  Skips are counted by the planner (the same on every process); only the
+  process that `log_skips` (process 0) logs them.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, name: str, spec: AudioTokenSpec, pad_id: int,
+               log_skips: bool):
+    super().__init__(parent)
+    self._name, self._spec, self._pad_id, self._log_skips = name, spec, pad_id, log_skips
+    self._skips = SkipStats()
+    self._exhausted = False
+
+  @property
+  def stats(self) -> SkipStats:
+    """Seen / skipped / filtered counts and the first few skip reasons (see `SkipStats`)."""
+    return self._skips
+
+  def _count(self, counts: dict[str, Any], end: bool) -> None:
+    """Takes the planner's counts; logs the skips new since the last batch."""
+    old = self._skips
+    new = SkipStats(**counts, decode_failed=old.decode_failed)
+    self._skips = new
+    if not self._log_skips or new.skipped == old.skipped and not end:
+      return
+    for k, reason in enumerate(new.reasons[len(old.reasons) :], start=len(old.reasons) + 1):
+      log.warning("skipping bad example (%d so far): %s", k, reason)
+    if new.skipped > len(new.reasons) and (new.skipped // 100 > old.skipped // 100):
+      log.warning("%s: %d bad examples skipped of %d seen", self._name, new.skipped, new.seen)
+    if end and new.skipped:
+      log.warning("%s: %d bad examples skipped of %d seen; first reasons: %s", self._name, new.skipped, new.seen,
+                  " | ".join(new.reasons))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._exhausted:
+      raise StopIteration
+    element = next(self._parent)
+    self._count(element["stats"], bool(element.get("end")))
+    if element.get("end"):
+      self._exhausted = True
+      raise StopIteration
+    for reason in element["failed"]:
+      self._skips.decode_failed += 1
+      log.warning("%s: a clip failed to decode; its row is padding (%d so far): %s", self._name,
+                  self._skips.decode_failed, reason)
+    rows = element["rows"]
+    return collate(rows, len(rows), element["length"], element["windows"], self._spec, self._pad_id)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "exhausted": self._exhausted,
+            "stats": dataclasses.asdict(self._skips)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or not {"parent", "exhausted", "stats"} <= set(state):
+      raise DataError(f"{self._name}: the saved data-iterator state is not one this pipeline wrote (keys: "
+                      f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    self._parent.set_state(state["parent"])
+    self._exhausted = bool(state["exhausted"])
+    self._skips = SkipStats(**state["stats"])
+
+  def __str__(self) -> str:
+    return f"BatchIterator({self._name})"
 
 
 class AudioBatchDataset(grain.IterDataset):
-  """The pipeline as a grain `IterDataset`: `iter()` gives a checkpointable `BucketBatchIterator`."""
+  """The pipeline as a grain `IterDataset`: `iter()` gives a checkpointable `BatchIterator`."""
 
-  def __init__(self, parent: grain.IterDataset, lookup: grain.MapDataset, cfg: DataConfig, spec: AudioTokenSpec,
-               pad_id: int, local_batch: int, name: str, num_examples: int):
+  def __init__(self, parent: grain.IterDataset, name: str, spec: AudioTokenSpec, pad_id: int, num_examples: int,
+               rows: tuple[int, ...], log_skips: bool):
     super().__init__(parent)
-    self._lookup, self._cfg, self._spec, self._pad_id = lookup, cfg, spec, pad_id
-    self._local_batch, self._name = local_batch, name
-    self.num_examples = num_examples  # examples in this process's slice of one epoch
+    self._name, self._spec, self._pad_id, self._log_skips = name, spec, pad_id, log_skips
+    self.num_examples = num_examples  # examples in one epoch of the split (all processes together)
+    self.rows = rows  # the global batch rows this process loads, in order
 
-  def __iter__(self) -> BucketBatchIterator:
-    return BucketBatchIterator(self._parent.__iter__(), self._lookup, self._cfg, self._spec, self._pad_id,
-                               self._local_batch, self._name)
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(self._parent.__iter__(), self._name, self._spec, self._pad_id, self._log_skips)
 
   def __str__(self) -> str:
-    return f"AudioBatchDataset({self._name})"
+    return f"AudioBatchDataset({self._name}, rows={list(self.rows)})"
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -544,6 +657,21 @@ def _mark_absl_flags_parsed() -> None:
 
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def local_rows(batch_size: int, rows: Sequence[int] | None, process_index: int,
+               process_count: int) -> tuple[int, ...]:
+  """The global batch rows a process loads: `rows` checked, or by default its contiguous block of B / n rows."""
+  if rows is None:
+    if batch_size % process_count:
+      raise ConfigError("config.data.batch_size", f"{batch_size} is not divisible by {process_count} processes")
+    per = batch_size // process_count
+    return tuple(range(process_index * per, (process_index + 1) * per))
+  rows = tuple(int(r) for r in rows)
+  if not rows or len(set(rows)) != len(rows) or not all(0 <= r < batch_size for r in rows):
+    raise ValueError(f"rows must be distinct global batch rows in [0, {batch_size}) (data.batch_size), got "
+                     f"{list(rows)}")
+  return rows
 
 
 def make_dataset(
@@ -555,14 +683,19 @@ def make_dataset(
     seed: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> AudioBatchDataset:
   """Builds the input pipeline for one split of `cfg.path` (`eval_path` for non-train splits).
 
   `split="train"` shuffles (reshuffled per epoch), repeats `num_epochs` times
   (forever by default) and randomly crops/pads; any other split is read once,
-  in order, deterministically. Each process reads its own slice [i::n] and
-  emits batches of `batch_size / process_count` rows. `iter(dataset)` gives a
-  grain iterator with `get_state` / `set_state` and `.stats`.
+  in order, deterministically. Every process plans the same global batches of
+  `data.batch_size` rows and loads `rows` of each (global row indices, in the
+  order its local batch holds them, e.g. from
+  `alm_jax.distributed.process_rows`; default: process i of n loads the
+  contiguous block i·B/n … (i+1)·B/n - 1), so its batches have `len(rows)`
+  rows and the same (L, K) on every process. `iter(dataset)` gives a grain
+  iterator with `get_state` / `set_state` and `.stats`.
   """
   if not isinstance(cfg, DataConfig):
     cfg = DataConfig.from_config(cfg)
@@ -571,10 +704,9 @@ def make_dataset(
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if cfg.batch_size % process_count:
-    raise ConfigError("config.data.batch_size", f"{cfg.batch_size} is not divisible by {process_count} processes")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  rows = local_rows(cfg.batch_size, rows, process_index, process_count)
   seed = cfg.seed if seed is None else seed
   train = split == "train"
   path = cfg.eval_path if (not train and cfg.eval_path) else cfg.path
@@ -583,20 +715,21 @@ def make_dataset(
   source = open_source(path, split, tfds_data_dir=cfg.tfds_data_dir, audio_key=cfg.audio_key, text_key=cfg.text_key)
   if len(source) == 0:
     raise DataError(f"{path}: the {split} split holds no example")
-  ds = grain.MapDataset.source(source)
+  examples = grain.MapDataset.source(source)
   if train:
     if cfg.shuffle:
-      ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(cfg.num_epochs)
-  ds = ds[process_index::process_count]
-  per_epoch = len(range(process_index, len(source), process_count))
-  ds = ds.map_with_index(Prepare(cfg, spec, tokenizer, train=train, seed=seed))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=max(
-      cfg.batch_size, 2 * cfg.read_threads)))
+      examples = examples.shuffle(seed=seed)
+    examples = examples.repeat(cfg.num_epochs)
+  prepare = Prepare(cfg, spec, tokenizer, train=train, seed=seed)
+  measured = examples.map_with_index(prepare.measure)
+  read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=max(cfg.batch_size,
+                                                                                  2 * cfg.read_threads))
+  name = f"{path} [{split}]"
+  it = LoadBatchesDataset(examples, measured, prepare, cfg, spec, rows, read, name)
   if cfg.workers > 0:
     # Small arrays (tokens) are pickled; audio travels through shared memory.
     it = grain.experimental.WithOptionsIterDataset(it, grain.experimental.DatasetOptions(min_shm_size=1 << 15))
     _mark_absl_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer))
-  name = f"{path} [{split}]"
-  return AudioBatchDataset(it, ds, cfg, spec, tokenizer.pad_id, cfg.batch_size // process_count, name, per_epoch)
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.workers, per_worker_buffer_size=max(1, -(-cfg.worker_buffer // len(rows)))))
+  return AudioBatchDataset(it, name, spec, tokenizer.pad_id, len(source), rows, log_skips=process_index == 0)
