@@ -253,14 +253,18 @@ def global_batch(
   from alm_jax import sharding as sharding_lib
 
   shardings = sharding_lib.batch_shardings(local_batch, mesh, rules, axes)
+  logical = sharding_lib.batch_axes(local_batch, axes)
 
-  def one(x, s):
+  def one(x, s, names):
     x = np.asarray(x)
-    shape = None if global_batch_size is None else (int(global_batch_size),) + x.shape[1:]
+    shape = None
+    if global_batch_size is not None:  # the rows dimension (logical `batch`) holds the global batch
+      dim = list(names).index("batch") if "batch" in names else 0
+      shape = x.shape[:dim] + (int(global_batch_size),) + x.shape[dim + 1:]
     return jax.make_array_from_process_local_data(s, x, shape)
 
   try:
-    out = jax.tree.map(one, local_batch, shardings)
+    out = jax.tree.map(one, local_batch, shardings, logical, is_leaf=lambda a: isinstance(a, tuple))
   except ValueError as e:
     raise ConfigError("config.mesh.shape", f"cannot assemble the global batch: {str(e).splitlines()[0]}") from None
   sharding_lib.check_batch(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out), shardings, mesh)

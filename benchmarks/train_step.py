@@ -150,22 +150,22 @@ def make_batch(cfg: Any, batch: int, clip_seconds: tuple[float, float], lengths:
       "tokens": np.full((batch, length), PAD, np.int32),
       "token_mask": np.zeros((batch, length), bool),
       "loss_mask": np.zeros((batch, length), np.float32),
-      "audio": np.zeros((batch, spec.window_samples), np.float32),  # W = B: one window per clip
-      "audio_samples": np.asarray(samples, np.int32),
-      "audio_clip": np.arange(batch, dtype=np.int32),
+      "audio": np.zeros((batch, 1, spec.window_samples), np.float32),  # one window slot per row, one clip
+      "audio_samples": np.asarray(samples, np.int32)[:, None],
+      "audio_clip": np.zeros((batch, 1), np.int32),
   }
   for i, (row, mask) in enumerate(zip(rows, masks)):
     out["tokens"][i, :len(row)] = row
     out["token_mask"][i, :len(row)] = True
     out["loss_mask"][i, :len(row)] = mask
-    out["audio"][i, :samples[i]] = pcm[i]
+    out["audio"][i, 0, :samples[i]] = pcm[i]
   check_audio_slots(out, spec, cfg.audio_token_id)
   return out
 
 
 def describe_batch(batch: dict[str, Any], window: float) -> str:
   """`B x L tok, B clips a-b s in w s windows` for the table."""
-  (rows, length), seconds = batch["tokens"].shape, batch["audio_samples"] / 16000
+  (rows, length), seconds = batch["tokens"].shape, batch["audio_samples"][:, 0] / 16000
   return f"{rows} x {length} tok, {rows} clips {seconds.min():.1f}-{seconds.max():.1f} s in {window:g} s windows"
 
 
@@ -239,11 +239,11 @@ class OurStep:
     from alm_jax.audio import features
 
     mel = jax.jit(lambda pcm: features.whisper_log_mel(pcm, n_mels=self.cfg.whisper.n_mels))
-    mel(self.batch["audio"]).block_until_ready()
+    mel(self.batch["audio"][:, 0]).block_until_ready()
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
-      mel(self.batch["audio"]).block_until_ready()
+      mel(self.batch["audio"][:, 0]).block_until_ready()
       times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -272,9 +272,9 @@ class TorchStep:
     self.params_count = sum(p.numel() for p in self.model.parameters())
     self.attention = hf_config.text_config._attn_implementation
 
-    mel = jax.jit(lambda pcm: features.whisper_log_mel(pcm, n_mels=cfg.whisper.n_mels))(batch["audio"])
+    mel = jax.jit(lambda pcm: features.whisper_log_mel(pcm, n_mels=cfg.whisper.n_mels))(batch["audio"][:, 0])
     mel = np.asarray(mel).transpose(0, 2, 1)  # [W, n_mels, frames], HF's layout
-    frame_mask = np.asarray(features.whisper_frame_mask(batch["audio_samples"], mel.shape[-1]))
+    frame_mask = np.asarray(features.whisper_frame_mask(batch["audio_samples"][:, 0], mel.shape[-1]))
     labels = np.where((batch["loss_mask"] > 0) & batch["token_mask"], batch["tokens"], -100)
     self.inputs = dict(
         input_ids=torch.from_numpy(batch["tokens"].astype(np.int64)),

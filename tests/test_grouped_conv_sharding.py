@@ -42,6 +42,14 @@ def loss(params, x):
   x = constrain(x, ("batch", "audio_frames", "embed"))
   return jnp.mean(jnp.square(nnx.merge(graphdef, params)(x) - target))
 
+def place(params, mesh, rules):
+  # each parameter on the mesh by its logical axes, as training lays it out
+  def one(v):
+    axes = v.get_metadata().get("out_sharding")
+    spec = sharding.logical_to_spec(tuple(axes), rules) if axes else jax.sharding.PartitionSpec()
+    return v.replace(jax.device_put(v.get_value(), jax.sharding.NamedSharding(mesh, spec)))
+  return jax.tree.map(one, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
 grad = jax.grad(loss, argnums=(0, 1))
 want = jax.jit(grad)(params, x)
 errors = {}
@@ -49,7 +57,7 @@ for shape in meshes:
   mesh = sharding.make_mesh({"shape": shape}, jax.devices()[: int(np.prod(shape))])
   rules = sharding.make_rules()
   batch = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None, None), rules))
-  got = jax.jit(sharding.bind_rules(grad, mesh, rules))(sharding.shard_tree(params, mesh, rules),
+  got = jax.jit(sharding.bind_rules(grad, mesh, rules))(place(params, mesh, rules),
                                                         jax.device_put(x, batch))
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), got, want)
   errors[str(tuple(shape))] = max(jax.tree.leaves(diffs))

@@ -22,7 +22,7 @@ from tests.helpers import REPO, TINY, cli_env
 
 TRAIN = ("train", "--config", TINY + ":micro,projector", "--config.train.steps=1",
          "--config.train.checkpoint_every=1", "--config.train.eval_batches=0", "--config.data.batch_size=4",
-         "--config.data.length_buckets=(128,)", "--config.data.window_buckets=(24,)")
+         "--config.data.length_buckets=(128,)", "--config.data.window_buckets=(4,)")
 
 
 def _run(cwd: str, *args: str) -> str:

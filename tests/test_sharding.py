@@ -161,7 +161,6 @@ def test_check_divisible_names_the_offending_parameter():
 
 
 def _abstract_on(shape, rules):
-  devices = np.asarray(jax.devices()[:1] * int(np.prod(shape)), dtype=object)  # specs only: any devices do
   mesh = AbstractMesh(tuple(shape), sharding.MESH_AXES)
   layout = _layout()
   return {p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, layout.spec(p, rules)))

@@ -22,7 +22,7 @@ def train_args(corpus, workdir):
   return ("train", "--config", TINY + ":micro", "--workdir", workdir, f"--config.data.path={corpus}",
           f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
           "--config.train.eval_batches=1", "--config.data.batch_size=4", "--config.data.length_buckets=(128,)",
-          "--config.data.window_buckets=(12,)")
+          "--config.data.window_buckets=(4,)")
 
 
 def losses(workdir):

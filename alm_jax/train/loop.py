@@ -8,14 +8,12 @@ checkpoint, data iterator included, so the loss curve continues step for step.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
 import os
 import re
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,7 @@ from alm_jax import sharding as sharding_lib
 from alm_jax.checkpoints import orbax as ckpt_lib
 from alm_jax.data.pipeline import DataConfig, agree_batch_shape, make_dataset, pad_batch
 from alm_jax.data.tokenizer import Tokenizer
-from alm_jax.errors import CheckpointError, UserError
+from alm_jax.errors import UserError
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
 from alm_jax.models.tagging import check_one_clip_per_example
 from alm_jax.run_config import RunConfig
@@ -35,7 +33,7 @@ from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.metrics import MetricsWriter, format_scalars
 from alm_jax.train.optimizer import abstract_opt_state, learning_rate_at, make_optimizer
-from alm_jax.train.params import Flat, ParamLayout, count
+from alm_jax.train.params import Flat, ParamLayout
 from alm_jax.train.pretrained import load_pretrained_towers
 from alm_jax.train.step import jit_train_step, make_eval_step, model_config_for, stack_micro_batches
 
@@ -80,12 +78,18 @@ class TrainState:
   opt_state: Any
 
 
-def _local_batch_to_global(batch: dict, mesh, rules, pad_id: int) -> dict:
+def batch_rows(mesh, rules, global_batch_size: int) -> list[int]:
+  """The global batch rows this process's devices hold (what it loads), in the order it supplies them."""
+  spec = sharding_lib.batch_shardings({"rows": np.zeros((global_batch_size,))}, mesh, rules)["rows"]
+  return [int(r) for r in distributed.process_rows(spec, (global_batch_size,))]
+
+
+def _local_batch_to_global(batch: dict, mesh, rules, pad_id: int, global_batch_size: int | None = None) -> dict:
   """Makes one global batch from this process's rows (each row carries its own clips)."""
-  return distributed.global_batch(agree_batch_shape(batch, pad_id), mesh, rules)
+  return distributed.global_batch(agree_batch_shape(batch, pad_id), mesh, rules, global_batch_size)
 
 
-def _micro_batches_to_global(batches: list[dict], mesh, rules, pad_id: int) -> dict:
+def _micro_batches_to_global(batches: list[dict], mesh, rules, pad_id: int, global_batch_size: int) -> dict:
   """k local micro-batches -> one global batch with a leading micro-batch axis (see `make_train_step`).
 
   The micro-batches are padded to their largest (L, K) so they stack.
@@ -95,7 +99,7 @@ def _micro_batches_to_global(batches: list[dict], mesh, rules, pad_id: int) -> d
   windows = max(b["audio"].shape[1] for b in batches)
   stacked = stack_micro_batches([pad_batch(b, length=length, windows=windows, pad_id=pad_id) for b in batches])
   axes = {k: (None, "batch") + (None,) * (v.ndim - 2) for k, v in stacked.items()}
-  return distributed.global_batch(stacked, mesh, rules, axes=axes)
+  return distributed.global_batch(stacked, mesh, rules, global_batch_size, axes=axes)
 
 
 def _check_tagging_stage(stage: str, trainable: list[str]) -> None:
@@ -146,6 +150,8 @@ class Trainer:
     self._step_flops: dict[tuple, float] = {}
     self.compile_seconds = 0.0  # spent compiling so far (kept out of step times)
     self.accum = cfg.train.optimizer.grad_accum_steps
+    # Every process forms the same global batches; this one loads the rows its devices hold.
+    self.rows = batch_rows(self.mesh, self.rules, cfg.data.batch_size)
 
   # ---------------------------------------------------------------------------
   # Output.
@@ -244,7 +250,7 @@ class Trainer:
     if self.cfg.train.eval_batches == 0:
       return None
     try:
-      dataset = make_dataset(self.cfg.data, self.spec, self.tokenizer, split="validation")
+      dataset = make_dataset(self.cfg.data, self.spec, self.tokenizer, split="validation", rows=self.rows)
     except UserError as e:
       self.say(f"no validation: {e}")
       return None
@@ -256,7 +262,7 @@ class Trainer:
     for i, local in enumerate(iter(dataset)):
       if i >= self.cfg.train.eval_batches:
         break
-      batch = _local_batch_to_global(local, self.mesh, self.rules, self.tokenizer.pad_id)
+      batch = _local_batch_to_global(local, self.mesh, self.rules, self.tokenizer.pad_id, self.cfg.data.batch_size)
       metrics = jax.device_get(self._eval_step(state.trainable, state.frozen, batch))
       n = float(metrics["target_tokens"])
       total += float(metrics["loss"]) * n
@@ -284,7 +290,7 @@ class Trainer:
     if self.main:  # the run directory carries its tokenizer, so checkpoints are self-contained
       os.makedirs(self.workdir, exist_ok=True)
       self.tokenizer.save(os.path.join(self.workdir, "tokenizer.json"))
-    dataset = make_dataset(cfg.data, self.spec, self.tokenizer, split="train", seed=cfg.data.seed)
+    dataset = make_dataset(cfg.data, self.spec, self.tokenizer, split="train", seed=cfg.data.seed, rows=self.rows)
     iterator = iter(dataset)
     state = self.initial_state(iterator)
     if state.step == 0 or not self.quiet:
@@ -312,9 +318,9 @@ class Trainer:
           if self.objective == "tagging":
             check_one_clip_per_example(local, self.model_cfg.audio_token_id)
         if self.accum > 1:
-          batch = _micro_batches_to_global(locals_, self.mesh, self.rules, self.tokenizer.pad_id)
+          batch = _micro_batches_to_global(locals_, self.mesh, self.rules, self.tokenizer.pad_id, cfg.data.batch_size)
         else:
-          batch = _local_batch_to_global(locals_[0], self.mesh, self.rules, self.tokenizer.pad_id)
+          batch = _local_batch_to_global(locals_[0], self.mesh, self.rules, self.tokenizer.pad_id, cfg.data.batch_size)
         compiled = self.compiled_train_step(state, batch)
         state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)
         metrics = jax.device_get(metrics)
