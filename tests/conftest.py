@@ -1,9 +1,16 @@
-"""Shared test set-up: float32 everywhere, CPU backend, quiet logs."""
+"""Shared test set-up: float32 everywhere, CPU backend, quiet logs, one compilation cache per run."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Several tests (and the CLI and worker subprocesses they start, which inherit this) compile the same
+# programs: the micro config's train steps, the resumed run of a kill-and-resume test, the processes of a
+# multi-process run. One persistent cache per test run (fresh each run, shared by the xdist workers) lets
+# them compile once. It changes no numerics: a hit is the same executable.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"alm_jax-test-jit-{_RUN}"))
 
 import jax  # noqa: E402
 

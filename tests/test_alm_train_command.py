@@ -1,5 +1,5 @@
-"""The same `alm-jax train` command on 1 device, on 8 CPU devices with FSDP, and as 2 processes over
-loopback writes the same loss curve — with the tiny config's several length and window buckets, so the
+"""The same `alm-jax train` command on 1 device and as 2 processes over loopback (FSDP across them)
+writes the same loss curve — with the tiny config's several length and window buckets, so the
 batches differ in shape from step to step and every process must form the same global batches."""
 
 import json
@@ -28,15 +28,12 @@ def _train(corpus, workdir, *extra, env=None, processes=1):
 
 @pytest.mark.slow
 @pytest.mark.multihost
-def test_train_command_same_losses_on_one_device_eight_devices_and_two_processes(tmp_path):
+def test_train_command_same_losses_on_one_device_and_two_processes(tmp_path):
   from tests.helpers import cli_env, make_corpus  # pylint: disable=import-outside-toplevel
 
   corpus = make_corpus(str(tmp_path / "corpus"), n=40)
   one = _train(corpus, str(tmp_path / "one"), "--config.mesh.shape=(1,1,1)")
-  eight_env = cli_env(XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8")
-  eight = _train(corpus, str(tmp_path / "eight"), "--config.mesh.shape=(2,4,1)", env=eight_env)
   multi_env = cli_env(ALM_JAX_DEVICES_PER_PROCESS="1", ALM_JAX_INIT_TIMEOUT="120")
   two = _train(corpus, str(tmp_path / "two"), "--config.mesh.shape=(1,-1,1)", env=multi_env, processes=2)
   assert len(one) == 4 and one[-1] < one[0]
-  np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
   np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)

@@ -1,15 +1,12 @@
-"""Meshes, logical-axis rules and the sufficiently-sharded check; and, on 8 CPU devices, where the
-production train step puts parameters, optimizer state and collectives.
+"""Meshes, logical-axis rules and the sufficiently-sharded check.
 
 The sharded-training parity harness lives in `parity_harness.py` (the production
 step: `ParamLayout` + `make_optimizer` + `jit_train_step`); the audio-language
-model's mesh x precision x accumulation matrix is in test_alm_sharding.py, whose
-(1, 8, 1) and (8, 1, 1) runs the structural tests here read.
+model's mesh x precision x accumulation matrix, and where its step puts
+parameters, optimizer state and collectives, are in test_alm_sharding*.py.
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -204,59 +201,3 @@ def test_batch_that_does_not_split_is_a_config_error():
   assert shardings["ids"].spec == P(("data", "fsdp"), None)
   with pytest.raises(ConfigError, match=r"config\.mesh\.shape: batch field ids has size 6 .* \('data', 'fsdp'\)=8"):
     sharding.check_batch(batch, shardings, mesh)
-
-
-# ----------------------------------------------------------------------------
-# Where the production step puts things on 8 CPU devices (the ALM matrix's runs).
-
-
-@pytest.fixture(scope="module")
-def placement():
-  """The ALM step on (1, 1, 1), (1, 8, 1) with its parameters created in their shards, and (8, 1, 1)."""
-  from parity_harness import run_step_in_subprocess  # pylint: disable=import-outside-toplevel
-
-  runs = [{"shape": (1, 1, 1)}, {"shape": (1, 8, 1), "init": "mesh"}, {"shape": (8, 1, 1)}]
-  return {r.key[0]: r for r in run_step_in_subprocess("test_alm_sharding:alm_case", runs)}
-
-
-@pytest.mark.slow
-def test_state_is_created_and_placed_sharded(placement):
-  fsdp = placement[(1, 8, 1)]
-  assert fsdp.placed_matches_init  # host arrays placed shard by shard == sharded init
-  assert fsdp.largest_host_read_fraction <= 1 / 8  # each device reads at most its 1/8 of a host array
-
-
-@pytest.mark.slow
-def test_fsdp_memory_per_device_is_an_eighth(placement):
-  one = placement[(1, 1, 1)].state_bytes_per_device
-  fsdp = placement[(1, 8, 1)].state_bytes_per_device
-  data = placement[(8, 1, 1)].state_bytes_per_device
-  # params + optimizer state per device: 1/8, plus the replicated norms, biases and small kernels
-  assert fsdp <= one / 8 * 1.30, (fsdp, one)
-  assert data >= one * 0.99  # data parallelism replicates the state: the comparison can fail
-
-
-def _hlo_param_path(op_name: str) -> tuple[str, str]:
-  """`opt_state[0][1][0].mu['llm/...']` -> (`mu`, `llm/...`); `trainable['llm/...']` -> (`params`, `llm/...`)."""
-  m = re.match(r"^(trainable|frozen|opt_state.*\.(mu|nu))\['([^']+)'\]$", op_name)
-  if not m:
-    return "", ""
-  return m.group(2) or "params", m.group(3)
-
-
-@pytest.mark.slow
-def test_fsdp_hlo_gathers_weights_and_keeps_parameters_sharded(placement):
-  fsdp = placement[(1, 8, 1)]
-  assert fsdp.collectives["all-gather"] > 0
-  assert fsdp.collectives["reduce-scatter"] + fsdp.collectives["all-reduce"] > 0  # gradient reduction
-  # Every fsdp-sharded parameter, and its Adam moments, enters the step as its 1/8 shard.
-  entry = {_hlo_param_path(name): shape for name, shape in fsdp.entry_params}
-  sharded = [path for path, leaf in fsdp.leaves.items() if "fsdp" in leaf["spec"]]
-  assert len(sharded) >= 10
-  for path in sharded:
-    leaf = fsdp.leaves[path]
-    kinds = ("params",) if path in fsdp.frozen_dtypes else ("params", "mu", "nu")
-    for kind in kinds:
-      assert entry[(kind, path)] == leaf["shard_shape"] != leaf["shape"], (kind, path, entry.get((kind, path)), leaf)
-  full_kernels = {tuple(fsdp.leaves[p]["shape"]) for p in sharded if len(fsdp.leaves[p]["shape"]) >= 2}
-  assert not [n for n, s in fsdp.entry_params if s in full_kernels], "a full-size weight is an input"
