@@ -23,7 +23,7 @@ MODEL = dict(
                num_buckets=16, max_distance=32),
     bridge=dict(kind="qformer", qformer=dict(mode="window", encoder_dim=64, hidden_size=32, num_layers=1,
                                              num_heads=8, intermediate_size=64, queries=1, window=5, llm_dim=32)),
-    llm=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=8, num_kv_heads=8,
+    llm=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=8, num_kv_heads=8,
              rope_theta=10000.0, lora_rank=8, lora_targets=("q", "v")),
 )
 
