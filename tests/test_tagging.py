@@ -119,4 +119,4 @@ def tiny_corpus_trainer(tagging_corpus, tmp_path):
   trainer = _trainer(tagging_corpus, tmp_path, "encoder", ENCODER_STAGE)
   local = next(iter(make_dataset(trainer.cfg.data, trainer.spec, trainer.tokenizer, split="train", seed=0)))
   tagging.check_one_clip_per_example(local, trainer.model_cfg.audio_token_id)
-  return trainer, _local_batch_to_global(local, trainer.mesh, trainer.rules, trainer.tokenizer.pad_id)
+  return trainer, _local_batch_to_global(local, trainer.mesh, trainer.rules)

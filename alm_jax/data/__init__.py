@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "DataConfig": "pipeline", "make_dataset": "pipeline", "batch_shapes": "pipeline", "pad_batch": "pipeline",
-    "agree_batch_shape": "pipeline", "tokenizer_file": "pipeline", "BATCH_KEYS": "pipeline",
+    "tokenizer_file": "pipeline", "BATCH_KEYS": "pipeline",
     "Tokenizer": "tokenizer", "train_bpe": "tokenizer",
     "ChatTemplate": "templates", "TEMPLATES": "templates", "get_template": "templates",
     "Record": "records", "Clip": "records", "format_mcq": "records", "parse_record": "records",

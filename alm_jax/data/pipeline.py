@@ -284,24 +284,6 @@ def pad_batch(batch: dict[str, np.ndarray], *, length: int, windows: int, pad_id
   return out
 
 
-def agree_batch_shape(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-  """With several JAX processes, pads every process's batch to the largest (L, K) among them.
-
-  Batches from `make_dataset` are rows of one global batch, so their (L, K)
-  already agree on every process and this changes nothing; it stays for
-  callers that build batches some other way.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
-
-  if jax.process_count() == 1:
-    return batch
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-  shape = np.asarray([batch["tokens"].shape[1], batch["audio"].shape[1]], np.int32)
-  top = np.asarray(multihost_utils.process_allgather(shape)).reshape(-1, 2).max(axis=0)
-  return pad_batch(batch, length=int(top[0]), windows=int(top[1]), pad_id=pad_id)
-
-
 @dataclasses.dataclass
 class SkipStats:
   """Examples seen, skipped as bad and filtered out by `data.tasks` (the same on every process), plus

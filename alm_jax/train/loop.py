@@ -23,7 +23,7 @@ from tqdm import tqdm
 from alm_jax import distributed
 from alm_jax import sharding as sharding_lib
 from alm_jax.checkpoints import orbax as ckpt_lib
-from alm_jax.data.pipeline import DataConfig, agree_batch_shape, make_dataset, pad_batch
+from alm_jax.data.pipeline import DataConfig, make_dataset, pad_batch
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import UserError
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
@@ -84,9 +84,12 @@ def batch_rows(mesh, rules, global_batch_size: int) -> list[int]:
   return [int(r) for r in distributed.process_rows(spec, (global_batch_size,))]
 
 
-def _local_batch_to_global(batch: dict, mesh, rules, pad_id: int, global_batch_size: int | None = None) -> dict:
-  """Makes one global batch from this process's rows (each row carries its own clips)."""
-  return distributed.global_batch(agree_batch_shape(batch, pad_id), mesh, rules, global_batch_size)
+def _local_batch_to_global(batch: dict, mesh, rules, global_batch_size: int | None = None) -> dict:
+  """Makes one global batch from this process's rows (each row carries its own clips).
+
+  Every process's rows come from the same global batch, so their shapes agree without asking the others.
+  """
+  return distributed.global_batch(batch, mesh, rules, global_batch_size)
 
 
 def _micro_batches_to_global(batches: list[dict], mesh, rules, pad_id: int, global_batch_size: int) -> dict:
@@ -94,7 +97,6 @@ def _micro_batches_to_global(batches: list[dict], mesh, rules, pad_id: int, glob
 
   The micro-batches are padded to their largest (L, K) so they stack.
   """
-  batches = [agree_batch_shape(b, pad_id) for b in batches]
   length = max(b["tokens"].shape[1] for b in batches)
   windows = max(b["audio"].shape[1] for b in batches)
   stacked = stack_micro_batches([pad_batch(b, length=length, windows=windows, pad_id=pad_id) for b in batches])
@@ -262,7 +264,7 @@ class Trainer:
     for i, local in enumerate(iter(dataset)):
       if i >= self.cfg.train.eval_batches:
         break
-      batch = _local_batch_to_global(local, self.mesh, self.rules, self.tokenizer.pad_id, self.cfg.data.batch_size)
+      batch = _local_batch_to_global(local, self.mesh, self.rules, self.cfg.data.batch_size)
       metrics = jax.device_get(self._eval_step(state.trainable, state.frozen, batch))
       n = float(metrics["target_tokens"])
       total += float(metrics["loss"]) * n
@@ -320,7 +322,7 @@ class Trainer:
         if self.accum > 1:
           batch = _micro_batches_to_global(locals_, self.mesh, self.rules, self.tokenizer.pad_id, cfg.data.batch_size)
         else:
-          batch = _local_batch_to_global(locals_[0], self.mesh, self.rules, self.tokenizer.pad_id, cfg.data.batch_size)
+          batch = _local_batch_to_global(locals_[0], self.mesh, self.rules, cfg.data.batch_size)
         compiled = self.compiled_train_step(state, batch)
         state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)
         metrics = jax.device_get(metrics)
