@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -257,16 +257,34 @@ def array_bytes(shape_text: str) -> list[int]:
           for dtype, dims in _SHAPE.findall(shape_text) if dtype in _DTYPE_BYTES]
 
 
-def count_collectives(hlo_text: str) -> dict[str, CollectiveStat]:
-  """Counts collectives in optimised HLO text (`compiled.as_text()`), by kind.
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+  """One collective in a compiled program: its kind, the arrays it produces and the JAX op it came from."""
 
-  Async pairs count once (at `-start`, whose tuple result holds operand and
-  result: its largest array is taken); the TPU compiler's fused reduce-scatter
-  (a fusion calling `%all-reduce-scatter...`) counts as one reduce-scatter,
-  not as the all-reduce inside it. Ops inside a loop body count once, however
-  many iterations run.
+  kind: str
+  arrays: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, dims) of each result array, per device
+  op_name: str = ""
+
+  @property
+  def result_bytes(self) -> int:
+    return sum(_DTYPE_BYTES[dtype] * math.prod(dims) for dtype, dims in self.arrays)
+
+
+def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+          for dtype, dims in _SHAPE.findall(shape_text) if dtype in _DTYPE_BYTES]
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+  """Every collective in optimised HLO text (`compiled.as_text()`), in program order.
+
+  Async pairs count once, at `-start`: an all-gather's or permute's start tuple
+  holds operands then results (the results are kept), an all-reduce's holds its
+  results. The TPU compiler's fused reduce-scatter (a fusion calling
+  `%all-reduce-scatter...`) counts as one reduce-scatter, not as the all-reduce
+  inside it. Ops inside a loop body count once, however many iterations run.
   """
-  counts: dict[str, list[int]] = {k: [0, 0] for k in COLLECTIVES}
+  ops = []
   computation = ""
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
@@ -282,11 +300,65 @@ def count_collectives(hlo_text: str) -> dict[str, CollectiveStat]:
       kind = "reduce-scatter"
     elif kind and computation.startswith("all-reduce-scatter"):
       kind = None  # counted at the fusion that calls this computation
-    if kind:
-      sizes = array_bytes(shape)
-      counts[kind][0] += 1
-      counts[kind][1] += (max(sizes, default=0) if opcode.endswith("-start") else sum(sizes))
+    if not kind:
+      continue
+    arrays = _arrays(shape)
+    if opcode in ("all-gather-start", "collective-permute-start") and len(arrays) >= 2:
+      arrays = [a for a in arrays if a[0] != "u32" or a[1]]  # drop the u32[] context scalars
+      arrays = arrays[len(arrays) // 2:]
+    elif opcode.endswith("-start") and arrays:
+      arrays = [max(arrays, key=lambda a: _DTYPE_BYTES[a[0]] * math.prod(a[1]))]
+    name = re.search(r'op_name="([^"]*)"', line)
+    ops.append(CollectiveOp(kind, tuple(arrays), name.group(1) if name else ""))
+  return ops
+
+
+def count_collectives(hlo_text: str) -> dict[str, CollectiveStat]:
+  """Counts collectives in optimised HLO text by kind, with the bytes their results hold (see `collective_ops`)."""
+  counts: dict[str, list[int]] = {k: [0, 0] for k in COLLECTIVES}
+  for op in collective_ops(hlo_text):
+    counts[op.kind][0] += 1
+    counts[op.kind][1] += op.result_bytes
   return {k: CollectiveStat(c, b) for k, (c, b) in counts.items()}
+
+
+WEIGHTS, ACTIVATIONS, INDICES = "weights/gradients", "activations", "indices (integer)"
+_INTEGER = {"pred", "s4", "u4", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64"}
+
+
+def parameter_sized_counts(parameter_shapes: Iterable[Sequence[int]], mesh_shape: Mapping[str, int]) -> set[int]:
+  """Element counts a weight, gradient or optimizer-state collective can produce on one device.
+
+  A parameter of n elements appears whole (gathered) or split over any subset
+  of the mesh axes: n / (product of those axes' sizes).
+  """
+  sizes = [s for s in mesh_shape.values() if s > 1]
+  splits = {1}
+  for size in sizes:
+    splits |= {d * size for d in splits}
+  counts = set()
+  for shape in parameter_shapes:
+    n = math.prod(shape)
+    counts.update(n // d for d in splits if n % d == 0)
+  return counts
+
+
+def classify_collectives(ops: Sequence[CollectiveOp], parameter_counts: set[int]) -> dict[str, list[CollectiveOp]]:
+  """Splits collective results by what they carry: weights/gradients (floating point and parameter-sized, see
+  `parameter_sized_counts`), indices (integers: token ids for an embedding lookup, positions) and activations
+  (any other floating-point data: batch, hidden states, losses). A combined op is split between them."""
+  out: dict[str, list[CollectiveOp]] = {WEIGHTS: [], ACTIVATIONS: [], INDICES: []}
+  for op in ops:
+    groups: dict[str, list] = {WEIGHTS: [], ACTIVATIONS: [], INDICES: []}
+    for dtype, dims in op.arrays:
+      kind = INDICES if dtype in _INTEGER else WEIGHTS if math.prod(dims) in parameter_counts else ACTIVATIONS
+      groups[kind].append((dtype, dims))
+    for kind, arrays in groups.items():
+      if arrays:
+        out[kind].append(dataclasses.replace(op, arrays=tuple(arrays)))
+    if not op.arrays:
+      out[ACTIVATIONS].append(op)
+  return out
 
 
 def entry_parameter_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -317,6 +389,8 @@ class CompileReport:
   collectives: dict[str, CollectiveStat]
   flops: float | None
   compile_seconds: float
+  traffic: dict[str, CollectiveStat] = dataclasses.field(default_factory=dict)
+  largest_activation_collectives: list[dict] = dataclasses.field(default_factory=list)
 
   def format(self) -> str:
     lines = [f"compiled for {self.target}: {self.num_devices} devices, mesh {self.mesh_shape}, "
@@ -324,6 +398,12 @@ class CompileReport:
              "collectives (ops in the program):"]
     for kind, stat in self.collectives.items():
       lines.append(f"  {kind:<24}{stat.count:>6}   results {_gib(stat.result_bytes)}")
+    if self.traffic:
+      lines.append("collective results by what they carry:")
+      for kind, stat in self.traffic.items():
+        lines.append(f"  {kind:<24}{stat.count:>6}   results {_gib(stat.result_bytes)}")
+      for op in self.largest_activation_collectives:
+        lines.append(f"    {op['kind']} {op['shape']} ({_gib(op['bytes'])}) from {op['op_name'] or '?'}")
     if self.flops:
       lines.append(f"flops per device per step: {self.flops:.3e} (XLA cost analysis; loop bodies counted once)")
     return "\n".join(lines)
@@ -354,8 +434,31 @@ def compile_step(
   return jitted.lower(*args).compile()
 
 
-def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, seconds: float = 0.0) -> CompileReport:
-  """Builds a `CompileReport` from a compiled program."""
+def collective_traffic(hlo_text: str, parameter_shapes: Iterable[Sequence[int]], mesh_shape: Mapping[str, int],
+                       top: int = 5) -> tuple[dict[str, CollectiveStat], list[dict]]:
+  """Collective results split by what they carry (`classify_collectives`), and the `top` largest that are
+  not weights: the ones to look at when a step communicates more than its weights."""
+  split = classify_collectives(collective_ops(hlo_text), parameter_sized_counts(parameter_shapes, mesh_shape))
+  traffic = {k: CollectiveStat(len(v), sum(op.result_bytes for op in v)) for k, v in split.items()}
+  largest = sorted(split[ACTIVATIONS] + split[INDICES], key=lambda op: -op.result_bytes)[:top]
+  listed = [{"kind": op.kind, "shape": _shapes_text(op.arrays), "bytes": op.result_bytes, "op_name": op.op_name}
+            for op in largest if op.result_bytes]
+  return traffic, listed
+
+
+def _shapes_text(arrays: Sequence[tuple[str, tuple[int, ...]]]) -> str:
+  """`bf16[4,8], f32[] x12` for a combined op's result arrays (repeats counted, order kept)."""
+  counts: dict[str, int] = {}
+  for dtype, dims in arrays:
+    text = f"{dtype}[{','.join(map(str, dims))}]"
+    counts[text] = counts.get(text, 0) + 1
+  return ", ".join(text if n == 1 else f"{text} x{n}" for text, n in counts.items())
+
+
+def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, seconds: float = 0.0,
+            parameter_shapes: Iterable[Sequence[int]] | None = None) -> CompileReport:
+  """Builds a `CompileReport` from a compiled program; `parameter_shapes` (global) split collective
+  results into weights/gradients and activations."""
   devices = list(np.asarray(mesh.devices).flat)
   if hbm is None and devices:
     hbm = hbm_bytes(devices[0])
@@ -363,14 +466,18 @@ def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, 
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   flops = float(cost["flops"]) if cost and "flops" in cost else None
+  text = compiled.as_text()
+  traffic, largest = ({}, []) if parameter_shapes is None else collective_traffic(text, parameter_shapes, mesh.shape)
   return CompileReport(
       target=target or getattr(devices[0], "device_kind", "?"),
       num_devices=len(devices),
       mesh_shape=dict(mesh.shape),
       memory=memory_report(compiled, hbm),
-      collectives=count_collectives(compiled.as_text()),
+      collectives=count_collectives(text),
       flops=flops,
       compile_seconds=seconds,
+      traffic=traffic,
+      largest_activation_collectives=largest,
   )
 
 
@@ -384,6 +491,7 @@ def compile_and_report(
     rules: Rules,
     donate_argnums: Sequence[int] = (),
     topology: Topology | None = None,
+    parameter_shapes: Iterable[Sequence[int]] | None = None,
 ) -> tuple[Any, CompileReport]:
   """`compile_step` + `analyse`; returns `(compiled, report)`."""
   start = time.perf_counter()
@@ -392,4 +500,4 @@ def compile_and_report(
   seconds = time.perf_counter() - start
   target = topology.label if topology else ""
   hbm = topology.hbm_bytes if topology else None
-  return compiled, analyse(compiled, mesh, target, hbm, seconds)
+  return compiled, analyse(compiled, mesh, target, hbm, seconds, parameter_shapes)

@@ -41,9 +41,9 @@ def main() -> int:
 
   from alm_jax.checkpoints import mapping  # pylint: disable=import-outside-toplevel
   from alm_jax.checkpoints import whisper as ckpt  # pylint: disable=import-outside-toplevel
-  from alm_jax.models.whisper import WhisperConfig  # pylint: disable=import-outside-toplevel
+  from alm_jax.models.whisper import CPU_ATTENTION_BLOCK, WhisperConfig  # pylint: disable=import-outside-toplevel
 
-  config = WhisperConfig.preset(args.preset)
+  config = WhisperConfig.preset(args.preset, attention_block=CPU_ATTENTION_BLOCK)  # the CPU choice
   torch.manual_seed(args.seed)
   hf_config = transformers.WhisperConfig(
       num_mel_bins=config.n_mels,

@@ -95,10 +95,10 @@ def _parse() -> argparse.Namespace:
 
 def qwen2_audio_config(size: str, demo: Any) -> Any:
   """Our `ALMConfig` of a Qwen2-Audio-shaped model (`QWEN2_AUDIO_SIZES[size]`; "demo": as the `demo` ALMConfig)."""
-  from alm_jax.models.alm import ALMConfig, AudioConfig, BridgeConfig
+  from alm_jax.models.alm import ALMConfig, AudioConfig, BridgeConfig, FrontendConfig
   from alm_jax.models.llm import LLMConfig
   from alm_jax.models.projector import ProjectorConfig
-  from alm_jax.models.whisper import WhisperConfig
+  from alm_jax.models.whisper import CPU_ATTENTION_BLOCK, WhisperConfig
 
   size_cfg = QWEN2_AUDIO_SIZES[size]
   window = demo.audio.window_seconds if size_cfg["window"] == "demo" else size_cfg["window"]
@@ -106,7 +106,9 @@ def qwen2_audio_config(size: str, demo: Any) -> Any:
   if encoder == "demo":
     w = demo.whisper
     encoder = dict(d_model=w.d_model, num_layers=w.num_layers, num_heads=w.num_heads, ffn_dim=w.ffn_dim)
-  whisper = WhisperConfig(n_mels=N_MELS, max_positions=round(window * 50), pool=True, mask_padding=True, **encoder)
+  # The CPU choices (this benchmark runs on the CPU): blocked Whisper attention, rfft one window at a time.
+  whisper = WhisperConfig(n_mels=N_MELS, max_positions=round(window * 50), pool=True, mask_padding=True,
+                          attention_block=CPU_ATTENTION_BLOCK, **encoder)
   if size_cfg["llm"] == "demo":
     llm = dataclasses.replace(demo.llm, tie_embeddings=False)  # neither HF class ties its head
   else:
@@ -114,7 +116,8 @@ def qwen2_audio_config(size: str, demo: Any) -> Any:
   projector = ProjectorConfig(in_dim=whisper.d_model, out_dim=llm.hidden_size, num_layers=1)
   return ALMConfig(encoders=("whisper",), whisper=whisper, encoder_norm=False, trim_padding=True,
                    bridge=BridgeConfig(kind="mlp", mlp=projector), llm=llm,
-                   audio=AudioConfig(window_seconds=window, max_windows=1), audio_token_id=AUDIO)
+                   audio=AudioConfig(window_seconds=window, max_windows=1),
+                   frontend=FrontendConfig(method="fft", examples_per_step=1), audio_token_id=AUDIO)
 
 
 def make_batch(cfg: Any, batch: int, clip_seconds: tuple[float, float], lengths: Callable[[int], int],
@@ -238,7 +241,8 @@ class OurStep:
 
     from alm_jax.audio import features
 
-    mel = jax.jit(lambda pcm: features.whisper_log_mel(pcm, n_mels=self.cfg.whisper.n_mels))
+    mel = jax.jit(lambda pcm: features.whisper_log_mel(pcm, n_mels=self.cfg.whisper.n_mels, method="fft",
+                                                             examples_per_step=1))
     mel(self.batch["audio"][:, 0]).block_until_ready()
     times = []
     for _ in range(repeats):

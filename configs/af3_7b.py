@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                qkv_bias=True, tie_embeddings=False, remat="full", lora_rank=8 if stage == "lora" else 0,
                lora_alpha=16.0, lora_targets=("q", "k", "v", "o", "gate", "up", "down")),
       audio=dict(sample_rate=16000, window_seconds=30.0, max_windows=20),  # up to 600 s per clip
+      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; fused attention.
+      frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=151669,  # <sound>
   )
   config.data = dict(

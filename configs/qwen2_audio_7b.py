@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                qkv_bias=True, tie_embeddings=False, remat="full", lora_rank=8 if stage == "lora" else 0,
                lora_alpha=32.0, lora_targets=("q", "k", "v", "o", "gate", "up", "down")),
       audio=dict(sample_rate=16000, window_seconds=30.0, max_windows=1),
+      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; fused attention.
+      frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=151646,  # <|AUDIO|>
   )
   config.data = dict(

@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                qkv_bias=False, tie_embeddings=False, remat="full", lora_rank=8, lora_alpha=32.0,
                lora_targets=("q", "v")),
       audio=dict(sample_rate=16000, window_seconds=30.0, max_windows=1),
+      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; fused attention.
+      frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=-1,  # <unk>, taken from the tokenizer
   )
   config.data = dict(

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       trim_padding=True,
       audio=dict(sample_rate=16000, window_seconds=WINDOW_SECONDS, max_windows=2),
       whisper=dict(n_mels=80, d_model=WHISPER_WIDTH, num_layers=0, num_heads=4, ffn_dim=4 * WHISPER_WIDTH,
-                   max_positions=frames),
+                   max_positions=frames, attention_block=512),
       beats=dict(n_mels=128, patch_size=16, patch_dim=32, width=BEATS_WIDTH, num_layers=1, num_heads=2,
                  ffn_dim=2 * BEATS_WIDTH, conv_pos=16, conv_pos_groups=2, num_buckets=32, max_distance=64),
       bridge=dict(
@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                num_heads=4, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=1024, rms_norm_eps=1e-6,
                qkv_bias=True, tie_embeddings=True, lora_rank=0, lora_alpha=16.0,
                lora_targets=("q", "k", "v", "o", "gate", "up", "down")),
+      # CPU choices (the demo trains on a CPU): rfft, one window at a time; blocked attention if Whisper has layers.
+      frontend=dict(method="fft", examples_per_step=1),
       audio_token_id=-1,
   )
 

@@ -5,11 +5,13 @@ so the host only decodes and pads. Outputs are time-major `[batch, frames, bins]
 Both match their references (HF `WhisperFeatureExtractor`, Kaldi fbank as
 `kaldi-native-fbank` / torchaudio compute it for BEATs) to float32 rounding.
 
-Speed: frames are cut with reshapes of 160-sample hops (no gather); the spectrum
-is an rfft on one CPU/GPU device, or a real DFT as two small matmul stages on TPU
-and across several devices (it shards; XLA's FFT does not); on CPU the batch is
-walked one example per device at a time so each example's frames stay in cache.
-`method=` overrides the choice ("fft" | "matmul"); both match the references.
+Speed: frames are cut with reshapes of 160-sample hops (no gather). The spectrum
+is `method="matmul"` (a real DFT as two small matmul stages: the MXU path on
+TPU) or `"fft"` (rfft: ~2-3x faster on CPU); `examples_per_step` walks the
+batch a few examples at a time (faster on CPU) or all at once (0). Both are
+config (`model.frontend`), never chosen by asking the backend, so a program
+compiled ahead of time for a TPU is the program the TPU runs. Both methods
+match the references.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ FBANK_N_FFT = 512  # Kaldi rounds the frame up to a power of two
 BEATS_FBANK_MEAN = 15.41663
 BEATS_FBANK_STD = 6.55582
 
-Method = Literal["auto", "fft", "matmul"]
+Method = Literal["fft", "matmul"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -159,21 +161,12 @@ def _matmul_power_spectrum(frames: jax.Array, n_fft: int) -> jax.Array:
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _resolve(method: Method) -> tuple[str, bool]:
-  """(spectrum transform, walk the batch a few examples at a time) for this backend and device count.
-
-  `auto` takes rfft on a single CPU/GPU device, and the two-stage DFT matmuls on
-  TPU (MXU) or whenever there are several devices: XLA's SPMD partitioner
-  all-gathers FFT operands even along batch dimensions, while the matmuls keep
-  a batch split over devices local. On CPU the batch is walked a few examples at
-  a time, ~3x faster than all at once (each example's frames stay in cache).
-  """
-  if method not in ("auto", "fft", "matmul"):
-    raise ValueError(f"method must be 'auto', 'fft' or 'matmul', got {method!r}")
-  backend = jax.default_backend()
-  if method == "auto":
-    method = "fft" if backend != "tpu" and jax.device_count() == 1 else "matmul"
-  return method, backend == "cpu"
+def _check(method: Method, examples_per_step: int) -> None:
+  """Rejects an unknown spectrum method or a negative step size (both come from config)."""
+  if method not in ("fft", "matmul"):
+    raise ValueError(f"method must be 'fft' or 'matmul', got {method!r}")
+  if examples_per_step < 0:
+    raise ValueError(f"examples_per_step must be >= 0, got {examples_per_step}")
 
 
 def _frames(signal: jax.Array, num_frames: int, frame_length: int, hop: int) -> jax.Array:
@@ -195,24 +188,23 @@ def _power_spectrum(frames: jax.Array, n_fft: int, transform: str) -> jax.Array:
   return _matmul_power_spectrum(frames, n_fft)
 
 
-def _apply_per_example(fn, pcm: jax.Array, one_at_a_time: bool) -> jax.Array:
+def _apply_per_example(fn, pcm: jax.Array, examples_per_step: int) -> jax.Array:
   """Applies `fn: [N] -> [T, bins]` over every leading index of `pcm: [..., N]`.
 
-  `one_at_a_time` walks the batch in steps of `group` examples side by side,
-  one per device: a batch split over devices in contiguous blocks then stays
-  split (a plain `lax.map` over a sharded axis would all-gather it first).
+  `examples_per_step` > 0 walks the batch that many examples at a time (a
+  `lax.map`; on CPU one at a time is ~2-3x faster, each example's frames stay
+  in cache); 0 computes the whole batch at once. Neither asks which devices
+  run it: in the model the front end runs per device shard (`per_shard`).
   """
   lead, n = pcm.shape[:-1], pcm.shape[-1]
   flat = pcm.reshape(-1, n).astype(jnp.float32)
   batch = flat.shape[0]
-  if not one_at_a_time or batch == 1:
+  if examples_per_step <= 0 or examples_per_step >= batch:
     out = jax.vmap(fn)(flat)
   else:
-    group = math.gcd(batch, jax.device_count())
-    steps = batch // group
-    grouped = flat.reshape(group, steps, n).swapaxes(0, 1)  # example g * steps + s at [s, g]
-    out = jax.lax.map(jax.vmap(fn), grouped)
-    out = out.swapaxes(0, 1).reshape(batch, *out.shape[2:])
+    group = math.gcd(batch, examples_per_step)
+    out = jax.lax.map(jax.vmap(fn), flat.reshape(batch // group, group, n))
+    out = out.reshape(batch, *out.shape[2:])
   return out.reshape(*lead, *out.shape[1:])
 
 
@@ -234,7 +226,8 @@ def whisper_num_frames(num_samples: int) -> int:
   return num_samples // HOP
 
 
-def whisper_log_mel(pcm: jax.Array, *, n_mels: int = 80, method: Method = "auto") -> jax.Array:
+def whisper_log_mel(pcm: jax.Array, *, n_mels: int = 80, method: Method = "matmul",
+                    examples_per_step: int = 0) -> jax.Array:
   """Whisper's log-Mel spectrogram: `[B, N]` float32 PCM -> `[B, N // 160, n_mels]`.
 
   Centred periodic-Hann STFT (n_fft 400, hop 160, reflect padding), power, Slaney
@@ -245,7 +238,7 @@ def whisper_log_mel(pcm: jax.Array, *, n_mels: int = 80, method: Method = "auto"
   n = pcm.shape[-1]
   if n <= WHISPER_N_FFT // 2:
     raise ValueError(f"whisper_log_mel needs more than {WHISPER_N_FFT // 2} samples per example, got {n}")
-  transform, one_at_a_time = _resolve(method)
+  _check(method, examples_per_step)
   num_frames = whisper_num_frames(n)
   window = _periodic_hann(WHISPER_N_FFT)
   filters = whisper_mel_filters(n_mels)
@@ -253,12 +246,12 @@ def whisper_log_mel(pcm: jax.Array, *, n_mels: int = 80, method: Method = "auto"
   def one(x: jax.Array) -> jax.Array:
     padded = jnp.pad(x, (WHISPER_N_FFT // 2, WHISPER_N_FFT // 2), mode="reflect")
     frames = _frames(padded, num_frames, WHISPER_N_FFT, HOP) * window
-    mel = jnp.matmul(_power_spectrum(frames, WHISPER_N_FFT, transform), filters, precision=_HIGHEST)
+    mel = jnp.matmul(_power_spectrum(frames, WHISPER_N_FFT, method), filters, precision=_HIGHEST)
     log_mel = jnp.log10(jnp.maximum(mel, 1e-10))
     log_mel = jnp.maximum(log_mel, jnp.max(log_mel) - 8.0)
     return (log_mel + 4.0) / 4.0
 
-  return _apply_per_example(one, pcm, one_at_a_time)
+  return _apply_per_example(one, pcm, examples_per_step)
 
 
 def whisper_frame_mask(valid_samples: np.ndarray | jax.Array, num_frames: int) -> jax.Array:
@@ -284,7 +277,8 @@ def fbank_frame_mask(valid_samples: np.ndarray | jax.Array, num_frames: int) -> 
   return jnp.arange(num_frames, dtype=jnp.int32) * HOP + FBANK_FRAME <= valid[..., None]
 
 
-def kaldi_fbank(pcm: jax.Array, *, num_mel_bins: int = 128, method: Method = "auto") -> jax.Array:
+def kaldi_fbank(pcm: jax.Array, *, num_mel_bins: int = 128, method: Method = "matmul",
+                examples_per_step: int = 0) -> jax.Array:
   """Kaldi log-mel fbank as BEATs computes it: `[B, N]` PCM in [-1, 1] -> `[B, fbank_num_frames(N), num_mel_bins]`.
 
   PCM is scaled by 2^15; 25 ms frames every 10 ms (snip edges), per-frame DC
@@ -297,7 +291,7 @@ def kaldi_fbank(pcm: jax.Array, *, num_mel_bins: int = 128, method: Method = "au
   num_frames = fbank_num_frames(n)
   if num_frames == 0:
     raise ValueError(f"kaldi_fbank needs at least {FBANK_FRAME} samples per example, got {n}")
-  transform, one_at_a_time = _resolve(method)
+  _check(method, examples_per_step)
   window = _povey_window(FBANK_FRAME)
   banks = kaldi_mel_banks(num_mel_bins)
   floor = float(np.finfo(np.float32).eps)
@@ -307,15 +301,16 @@ def kaldi_fbank(pcm: jax.Array, *, num_mel_bins: int = 128, method: Method = "au
     frames = frames - jnp.mean(frames, axis=-1, keepdims=True)
     previous = jnp.concatenate([frames[:, :1], frames[:, :-1]], axis=-1)  # Kaldi: x[0] -= 0.97 x[0]
     frames = (frames - 0.97 * previous) * window
-    mel = jnp.matmul(_power_spectrum(frames, FBANK_N_FFT, transform), banks, precision=_HIGHEST)
+    mel = jnp.matmul(_power_spectrum(frames, FBANK_N_FFT, method), banks, precision=_HIGHEST)
     return jnp.log(jnp.maximum(mel, floor))
 
-  return _apply_per_example(one, pcm, one_at_a_time)
+  return _apply_per_example(one, pcm, examples_per_step)
 
 
-def beats_fbank(pcm: jax.Array, *, method: Method = "auto") -> jax.Array:
+def beats_fbank(pcm: jax.Array, *, method: Method = "matmul", examples_per_step: int = 0) -> jax.Array:
   """BEATs' input features: 128-bin `kaldi_fbank` normalised as (x - 15.41663) / (2 * 6.55582)."""
-  return (kaldi_fbank(pcm, num_mel_bins=128, method=method) - BEATS_FBANK_MEAN) / (2.0 * BEATS_FBANK_STD)
+  fbank = kaldi_fbank(pcm, num_mel_bins=128, method=method, examples_per_step=examples_per_step)
+  return (fbank - BEATS_FBANK_MEAN) / (2.0 * BEATS_FBANK_STD)
 
 
 __all__ = [

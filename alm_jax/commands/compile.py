@@ -33,12 +33,27 @@ def run(args: argparse.Namespace) -> int:
   program = abstract_train_program(cfg, mesh, rules)
   _, report = aot.compile_and_report(program.step_fn, program.args, in_shardings=program.in_shardings,
                                      out_shardings=program.out_shardings, mesh=mesh, rules=rules,
-                                     donate_argnums=(0, 2), topology=topology)
+                                     donate_argnums=(0, 2), topology=topology,
+                                     parameter_shapes=[a.shape for a in program.layout.abstract.values()])
   total = sum(a.size for a in program.layout.abstract.values())
   trainable = sum(program.layout.abstract[p].size for p, t in program.mask.items() if t)
   print(f"model: {total / 1e9:.3f} B parameters, {trainable / 1e9:.3f} B trainable (stage {cfg.train.stage})")
+  print(target_choices(cfg.model, topology.platform))
   print(report.format())
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report.to_dict(), f, indent=2, default=str)
   return 0
+
+
+def target_choices(model, platform: str) -> str:
+  """The config's per-target computation choices, which the compiled program bakes in (nothing is detected),
+  with a warning when a TPU is compiled for with the choices made for CPUs."""
+  frontend = model.frontend
+  block = model.whisper.attention_block if model.whisper is not None and "whisper" in model.encoders else 0
+  line = (f"target choices (config): front end method={frontend.method} "
+          f"examples_per_step={frontend.examples_per_step}, whisper attention_block={block}")
+  if platform == "tpu" and (frontend.method == "fft" or frontend.examples_per_step or block):
+    line += ("\nwarning: these are CPU choices; on a TPU set --config.model.frontend.method=matmul "
+             "--config.model.frontend.examples_per_step=0 --config.model.whisper.attention_block=0")
+  return line

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+import math
+from typing import Callable, Iterator, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -78,3 +79,48 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if x.ndim != len(axes):
     raise ValueError(f"constrain: array of rank {x.ndim} given {len(axes)} axis names {axes}")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def _divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """`spec` with mesh axes dropped (last first) from every dimension they do not divide evenly."""
+  out = []
+  for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = list((entry,) if isinstance(entry, str) else (entry or ()))
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+      axes.pop()
+    out.append(axes[0] if len(axes) == 1 else (tuple(axes) or None))
+  return PartitionSpec(*out)
+
+
+def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], axes: Sequence[Sequence[str | None]],
+              out_axes: Sequence[str | None]) -> jax.Array:
+  """Runs `fn(*args)` on each device's own shard of `args` (logical `axes`), giving an `out_axes` array.
+
+  For computations that are independent along their sharded axes (per example,
+  per head): a `shard_map` makes each device compute only its own slice, with
+  whatever loops or transforms `fn` uses, where the SPMD partitioner would
+  gather a batch split over devices before a `lax.map` over it or an FFT. The
+  output takes its sharding from the first argument's axes of the same name.
+  Without active rules (one device) this is `fn(*args)`. `fn` must not call
+  `constrain`: inside, every array is device-local.
+  """
+  context = _CONTEXT.get()
+  if context is None:
+    return fn(*args)
+  mesh, rules = context
+  in_specs = tuple(_divisible_spec(a.shape, logical_to_spec(ax, rules), mesh) for a, ax in zip(args, axes))
+  by_name = {}
+  for spec, ax in zip(in_specs, axes):
+    for name, entry in zip(ax, spec):
+      if name is not None:
+        by_name.setdefault(name, entry)
+  out_spec = PartitionSpec(*(by_name.get(name) if name is not None else None for name in out_axes))
+
+  def local(*local_args):
+    token = _CONTEXT.set(None)
+    try:
+      return fn(*local_args)
+    finally:
+      _CONTEXT.reset(token)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*args)

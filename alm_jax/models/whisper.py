@@ -22,7 +22,7 @@ from flax import nnx
 
 from alm_jax.config import ConfigError, from_dict, require
 from alm_jax.models import layers
-from alm_jax.models.partitioning import constrain
+from alm_jax.models.partitioning import constrain, per_shard
 
 # Encoder shapes of the released checkpoints (openai names); `WhisperConfig.preset(name)`.
 PRESETS: dict[str, dict[str, int]] = {
@@ -56,10 +56,9 @@ class WhisperConfig:
     pool: average-pool stride 2 after the layers, before the final LayerNorm.
     mask_padding: mask padding frames (from the input frame mask) out of attention.
     layer_norm_eps: epsilon of every LayerNorm.
-    attention_block: query rows per attention block (see `blocked_attention`).
-      `None` picks automatically: per-head blocks of up to 512 rows on the CPU
-      backend (about 3x faster there), one fused attention elsewhere; 0 means
-      one fused attention.
+    attention_block: query rows per attention block (see `blocked_attention`):
+      0 is one fused attention (TPU/GPU); per-head blocks of ~512 rows are about
+      3x faster on CPU. Config, never guessed from the backend while tracing.
     remat: rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
   """
 
@@ -73,10 +72,12 @@ class WhisperConfig:
   pool: bool = False
   mask_padding: bool = False
   layer_norm_eps: float = 1e-5
-  attention_block: int | None = None
+  attention_block: int = 0
   remat: str = "none"
 
   def __post_init__(self):
+    if self.attention_block is None:  # configs saved before the field was explicit: "auto" is gone
+      object.__setattr__(self, "attention_block", 0)
     require(self.n_mels > 0, "whisper.n_mels", f"must be positive, got {self.n_mels}")
     require(self.d_model > 0, "whisper.d_model", f"must be positive, got {self.d_model}")
     require(self.num_layers >= 0, "whisper.num_layers", f"must be >= 0, got {self.num_layers}")
@@ -91,9 +92,9 @@ class WhisperConfig:
     require(self.activation in _ACTIVATIONS, "whisper.activation", f"unknown activation {self.activation!r}")
     require(self.layer_norm_eps > 0, "whisper.layer_norm_eps", "must be positive")
     require(
-        self.attention_block is None or self.attention_block >= 0,
+        self.attention_block >= 0,
         "whisper.attention_block",
-        f"must be None or >= 0, got {self.attention_block}",
+        f"must be >= 0, got {self.attention_block}",
     )
     require(
         self.remat in layers.REMAT_POLICIES,
@@ -213,7 +214,7 @@ class Conv1d(nnx.Module):
     return y + self.bias[...].astype(y.dtype)
 
 
-CPU_ATTENTION_BLOCK = 512
+CPU_ATTENTION_BLOCK = 512  # a good `attention_block` on CPU (configs for CPU runs set it)
 
 
 def blocked_attention(
@@ -271,11 +272,18 @@ class WhisperLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     block = self.attention_block
-    if block is None:
-      block = CPU_ATTENTION_BLOCK if jax.default_backend() == "cpu" else 0
     attn, h = self.self_attn, self.self_attn_layer_norm(x)
     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    x = x + attn.out_proj(blocked_attention(q, k, v, mask=mask, block=block))
+    if block:  # the loop over (example, head, block) runs on each device's own examples and heads
+      heads = ("batch", None, "heads", None)
+      args, axes = (q, k, v), (heads, heads, heads)
+      if mask is not None:
+        args, axes = args + (mask,), axes + (("batch", None, None, None),)
+      attend = lambda q, k, v, m=None: blocked_attention(q, k, v, mask=m, block=block)
+      out = per_shard(attend, args, axes, heads)
+    else:
+      out = layers.dot_product_attention(q, k, v, mask=mask)
+    x = x + attn.out_proj(out)
     x = constrain(x, ("batch", "audio_frames", "embed"))
     x = x + self.mlp(self.final_layer_norm(x))
     return constrain(x, ("batch", "audio_frames", "embed"))
