@@ -72,6 +72,9 @@ class StepResult:
   largest_host_read_fraction: float
   process_grid: np.ndarray  # process index of each mesh position
   restored_checkpoints: dict[str, bool] = dataclasses.field(default_factory=dict)  # ckpt -> equal after restore
+  # collectives whose results are not parameter-sized (aot.classify_collectives): kind, arrays, bytes, op_name,
+  # integer (token ids and other indices)
+  activation_collectives: list[dict] = dataclasses.field(default_factory=list)
 
   @property
   def key(self) -> tuple:
@@ -148,11 +151,14 @@ def run_case(case: StepCase, run: Mapping[str, Any], host_params: Mapping[str, n
   opt_abstract = abstract_opt_state(tx, layout.abstract_sharded(mesh, rules, trainable_paths))
   opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, opt_abstract))(trainable)
 
-  host_batch = case.batch if accum == 1 else _micro_batches(case.batch, accum)
+  case_batch = case.batch
+  if "rows" in run:  # the first rows only (e.g. the same rows per device on a smaller mesh)
+    case_batch = {k: np.asarray(v)[: int(run["rows"])] for k, v in case_batch.items()}
+  host_batch = case_batch if accum == 1 else _micro_batches(case_batch, accum)
   lead = () if accum == 1 else (None,)
   axes = {k: lead + ("batch",) + (None,) * (np.ndim(v) - 1 - len(lead)) for k, v in host_batch.items()}
   batch_shardings = sharding.batch_shardings(host_batch, mesh, rules, axes)
-  rows_per_batch = len(next(iter(case.batch.values()))) // accum
+  rows_per_batch = len(next(iter(case_batch.values()))) // accum
   row_sharding = NamedSharding(mesh, PartitionSpec(sharding.logical_to_spec(("batch",), rules)[0]))
   rows = distributed.process_rows(row_sharding, (rows_per_batch,))
   local = {k: (v[rows] if accum == 1 else v[:, rows]) for k, v in host_batch.items()}
@@ -162,6 +168,11 @@ def run_case(case: StepCase, run: Mapping[str, Any], host_params: Mapping[str, n
                           batch_shardings=batch_shardings, compute_dtype=dtype, grad_accum_steps=accum)
   compiled = jitted.lower(trainable, frozen, opt_state, batch).compile()
   report = aot.analyse(compiled, mesh)
+  split = aot.classify_collectives(aot.collective_ops(compiled.as_text()), aot.parameter_sized_counts(
+      [a.shape for a in layout.abstract.values()], mesh.shape))
+  activation_collectives = [{"kind": op.kind, "arrays": op.arrays, "bytes": op.result_bytes, "op_name": op.op_name,
+                             "integer": kind == aot.INDICES}
+                            for kind in (aot.ACTIVATIONS, aot.INDICES) for op in split[kind]]
   batch_bytes = sum(int(np.prod(s.shard_shape(np.shape(x)))) * np.asarray(x).dtype.itemsize
                     for x, s in zip(jax.tree.leaves(host_batch), jax.tree.leaves(batch_shardings)))
   leaves = {}
@@ -170,7 +181,7 @@ def run_case(case: StepCase, run: Mapping[str, Any], host_params: Mapping[str, n
     leaves[path] = {"shape": shape, "shard_shape": tuple(s.shard_shape(shape)), "spec": tuple(s.spec)}
 
   losses = []
-  for _ in range(case.steps):
+  for _ in range(int(run.get("steps", case.steps))):
     trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, batch)
     losses.append(float(distributed.to_host(metrics["loss"])))
   params = {**trainable, **frozen}
@@ -200,6 +211,7 @@ def run_case(case: StepCase, run: Mapping[str, Any], host_params: Mapping[str, n
       largest_host_read_fraction=read_fraction,
       process_grid=np.vectorize(lambda d: d.process_index)(mesh.devices),
       restored_checkpoints=restored,
+      activation_collectives=activation_collectives,
   )
   return result, init_host
 
@@ -251,7 +263,8 @@ def run_step_in_subprocess(case_ref: str, runs: Sequence[Sequence[int] | Mapping
   """Runs `case_ref` (`module:function` returning a `StepCase`) for each run in a fresh process.
 
   A run is a mesh shape or a dict with `shape`, optional `dcn_shape`, `dtype` (`float32` / `bfloat16`
-  compute), `accum` (micro-batches) and `init` (`mesh`: create the parameters in this mesh's shards and
+  compute), `accum` (micro-batches), `rows` (the case batch's first rows only), `steps` (instead of the
+  case's) and `init` (`mesh`: create the parameters in this mesh's shards and
   check they equal the first run's placed shard by shard; by default later runs place the first run's
   initial parameters, as a checkpoint import does, which saves compiling an initialiser per mesh). `devices` CPU devices per process; `processes > 1` starts them
   with `launch/local.sh` (jax.distributed over loopback, gloo collectives). With `checkpoints`, each run's

@@ -57,17 +57,31 @@ def alm_batch(rows: int = 16) -> dict:
               audio_clip=clip)
 
 
-def alm_case():
-  """A `StepCase` for the harness: the ALM (the LLM's embedding frozen), a real batch, the production AdamW."""
+# What a CPU config selects (configs/tiny.py): rfft, the front end walking one window at a time and blocked
+# Whisper attention. MODEL itself keeps the defaults a TPU config uses (matmul DFT, all windows at once, fused
+# attention); the float32 matrix runs those, the bf16 matrix these, so both paths are proven on every mesh.
+CPU_CHOICES = dict(frontend=dict(method="fft", examples_per_step=1), whisper=dict(MODEL["whisper"], attention_block=16))
+
+
+def alm_case(choices: str = "tpu"):
+  """A `StepCase` for the harness: the ALM (the LLM's embedding frozen), a real batch, the production AdamW.
+
+  `choices`: "tpu" (MODEL's defaults) or "cpu" (`CPU_CHOICES`).
+  """
   from parity_harness import StepCase  # pylint: disable=import-outside-toplevel
 
   from alm_jax.train.optimizer import OptimizerConfig  # pylint: disable=import-outside-toplevel
 
-  cfg = from_dict(ALMConfig, MODEL)
+  cfg = from_dict(ALMConfig, dict(MODEL, **(CPU_CHOICES if choices == "cpu" else {})))
   # eps well above float noise: Adam turns a near-zero gradient into a +-lr step, so reduction-order noise in
   # such gradients would show as lr-sized parameter differences that say nothing about the sharding.
   optimizer = OptimizerConfig(learning_rate=1e-3, eps=1e-3, weight_decay=0.01, decay="constant")
   return StepCase(lambda rngs: AudioLanguageModel(cfg, rngs=rngs), alm_batch(), optimizer, frozen=r"^llm/embed/")
+
+
+def alm_case_cpu_choices():
+  """`alm_case` with `CPU_CHOICES` (a zero-argument case for the harness)."""
+  return alm_case("cpu")
 
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1), (1, 4, 2)]
@@ -76,11 +90,17 @@ MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1), (1, 
 # separate the effects. A run compiles its own step (~15-25 s on 2 cores), so the full product (28 runs)
 # would cost twice as much for little more. The (1, 8, 1) run creates its parameters in their shards and
 # checks them against the 1-device initialisation placed shard by shard (the checkpoint-import path).
+# Half the rows on half the devices, compiled only: the same rows per device as the 8-device runs of
+# data and FSDP parallelism, so a collective that carries the global batch grows and one that carries a
+# device's own share does not (`assert_activation_collectives_do_not_grow`).
+WEAK_SCALING_MESHES = [((4, 1, 1), (8, 1, 1)), ((1, 4, 1), (1, 8, 1))]
 F32_RUNS = ([{"shape": m, "dtype": "float32", "accum": 1} for m in MESHES if m != (1, 8, 1)]
             + [{"shape": (1, 8, 1), "dtype": "float32", "accum": 1, "init": "mesh"},
-               {"shape": (1, 1, 1), "dtype": "float32", "accum": 2}])
-BF16_RUNS = [{"shape": (1, 1, 1), "dtype": "float32", "accum": 1}] + [{"shape": m, "dtype": "bfloat16", "accum": 2}
-                                                                      for m in MESHES]
+               {"shape": (1, 1, 1), "dtype": "float32", "accum": 2}]
+            + [{"shape": m, "dtype": "float32", "accum": 1, "rows": 8, "steps": 0} for m, _ in WEAK_SCALING_MESHES])
+BF16_RUNS = ([{"shape": (1, 1, 1), "dtype": "float32", "accum": 1}]
+             + [{"shape": m, "dtype": "bfloat16", "accum": 2} for m in MESHES]
+             + [{"shape": m, "dtype": "bfloat16", "accum": 2, "rows": 8, "steps": 0} for m, _ in WEAK_SCALING_MESHES])
 # float32: the meshes differ only in reduction order (~1e-7 relative); Adam with eps 1e-3 keeps that far below
 # 1e-5 in the updated parameters, so the float32 half catches subtle gradient errors (the grouped-conv
 # partitioning bug, docs/grouped_conv_sharding.md, moved parameters by 3e-4). bf16 compute rounds every
@@ -158,3 +178,37 @@ def test_fsdp_hlo_gathers_weights_and_keeps_parameters_sharded(matrix):
       assert entry[(kind, path)] == leaf["shard_shape"] != leaf["shape"], (kind, path, entry.get((kind, path)), leaf)
   full_kernels = {tuple(fsdp.leaves[p]["shape"]) for p in sharded if len(fsdp.leaves[p]["shape"]) >= 2}
   assert not [n for n, s in fsdp.entry_params if s in full_kernels], "a full-size weight is an input"
+
+
+def assert_activation_collectives_do_not_grow(small, large) -> None:
+  """`large` runs twice the rows on twice the devices of `small`: its collectives must carry no more data.
+
+  Weights, gradients and optimizer state (parameter-sized results) are what data/FSDP parallelism
+  communicates; anything else (activations) may only be a device's own share, which is the same on both
+  meshes. A collective of the global batch (all clips' PCM, every window's attention, every row's audio
+  tokens) doubles. Token ids are the exception, in integers: under FSDP the embedding lookup gathers every
+  row's ids (4 bytes a token) rather than the whole table and sends each device its rows' embeddings back
+  (an all-to-all of its own share), as MaxText's does.
+  """
+  def floats(result):
+    return [op for op in result.activation_collectives if not op["integer"]]
+
+  def describe(ops):
+    return "\n".join(f"  {op['kind']} {op['arrays']} {op['bytes']} B from {op['op_name'][:120]}" for op in ops)
+
+  small_ops, large_ops = floats(small), floats(large)
+  small_bytes, large_bytes = sum(op["bytes"] for op in small_ops), sum(op["bytes"] for op in large_ops)
+  assert large_bytes <= small_bytes * 1.01 + 64, (
+      f"activation collectives grow with the global batch: {small_bytes} B on {small.mesh}, {large_bytes} B on "
+      f"{large.mesh}\n{describe(large_ops)}")
+  assert max((op["bytes"] for op in large_ops), default=0) <= max((op["bytes"] for op in small_ops), default=0)
+  tokens = int(np.prod(alm_batch()["tokens"].shape))
+  for op in large.activation_collectives:
+    if op not in large_ops:
+      assert op["bytes"] <= 4 * tokens, f"an integer collective beyond the token ids:\n{describe([op])}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small,large", WEAK_SCALING_MESHES)
+def test_float32_step_communicates_weights_not_the_global_batch(matrix, small, large):
+  assert_activation_collectives_do_not_grow(matrix[(small, "float32", 1)], matrix[(large, "float32", 1)])

@@ -84,6 +84,25 @@ def test_count_collectives_reads_async_pairs_and_fused_reduce_scatter():
                                             ("batch['ids']", (2, 16))]
 
 
+def test_collectives_split_into_weights_and_activations():
+  ops = aot.collective_ops(HLO)
+  assert [op.kind for op in ops] == ["reduce-scatter", "all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                                     "collective-permute"]  # program order: the wrapped reduce-scatter comes first
+  assert ops[1].arrays == (("f32", (128, 512)),) and ops[1].op_name == ""
+  # A [128, 512] weight on 8 devices: whole, or split in 2, 4 or 8 over the mesh's axes.
+  counts = aot.parameter_sized_counts([(128, 512)], {"data": 2, "fsdp": 4, "tensor": 1})
+  assert counts == {128 * 512 // d for d in (1, 2, 4, 8)}
+  split = aot.classify_collectives(ops, counts)  # the fused reduce-scatter's f32[512,32] is a quarter
+  assert [op.kind for op in split[aot.WEIGHTS]] == ["all-gather", "reduce-scatter"]
+  assert [op.kind for op in split[aot.ACTIVATIONS]] == ["reduce-scatter", "all-reduce", "all-to-all",
+                                                        "collective-permute"]
+  # A combined op holding a weight and an activation is split between the two.
+  mixed = aot.CollectiveOp("all-reduce", (("f32", (128, 512)), ("bf16", (7, 3)), ("s32", (4, 4))), "x")
+  split = aot.classify_collectives([mixed], counts)
+  assert split[aot.WEIGHTS][0].result_bytes == 128 * 512 * 4 and split[aot.ACTIVATIONS][0].result_bytes == 42
+  assert split[aot.INDICES][0].arrays == (("s32", (4, 4)),)  # integers are never weights here
+
+
 def test_memory_report_totals_and_verdict():
   report = aot.MemoryReport(arguments=10 * aot.GIB, outputs=10 * aot.GIB, aliased=9 * aot.GIB,
                             temporaries=4 * aot.GIB, generated_code=0, hbm=16 * aot.GIB)
@@ -173,20 +192,36 @@ def test_compile_for_cpu_modelled_gpu_nodes():
   assert report["collectives"]["all-gather"]["count"] > 0
 
 
+# The choices a TPU config makes (configs/qwen2_audio_7b.py); the demo config itself is set for CPUs.
+TPU_CHOICES = ("--config.model.frontend.method=matmul", "--config.model.frontend.examples_per_step=0",
+               "--config.model.whisper.attention_block=0")
+
+
 @pytest.mark.slow
 def test_compile_command_compiles_the_real_alm_train_step(tmp_path):
-  # `alm-jax compile` on the demo model (micro size): the step `alm-jax train` runs, for 4 v5p chips.
+  # `alm-jax compile` on the demo model (micro size): the step `alm-jax train` runs, for 4 and 8 v5p chips
+  # with one row per chip. Data parallelism through every tower: the 8-chip program's collectives carry
+  # weights, gradients and token ids, and no more activation data than the 4-chip one's (a gather of the
+  # global batch of clips, frames or tokens would double).
   from tests.helpers import TINY, alm_jax  # pylint: disable=import-outside-toplevel
 
-  out = tmp_path / "report.json"
-  result = alm_jax("compile", "--config", TINY + ":micro", "--topology", "v5p:2x2x1", "--json", str(out),
-                   "--config.mesh.shape=(1,-1,1)", "--config.data.batch_size=4", timeout=900)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  assert "per-device memory:" in result.stdout
-  report = json.loads(out.read_text())
+  reports = {}
+  for topology, rows in (("v5p:2x2x1", 4), ("v5p:2x2x2", 8)):
+    out = tmp_path / f"{topology}.json"
+    result = alm_jax("compile", "--config", TINY + ":micro", "--topology", topology, "--json", str(out),
+                     "--config.mesh.shape=(1,-1,1)", f"--config.data.batch_size={rows}", *TPU_CHOICES, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "per-device memory:" in result.stdout and "collective results by what they carry" in result.stdout
+    assert "warning" not in result.stdout
+    reports[topology] = json.loads(out.read_text())
+  report = reports["v5p:2x2x1"]
   assert report["num_devices"] == 4 and report["mesh_shape"]["fsdp"] == 4
   assert 0 < report["memory"]["total"] < report["memory"]["hbm"]
   assert report["collectives"]["all-gather"]["count"] > 0
+  small, large = (reports[t]["traffic"] for t in ("v5p:2x2x1", "v5p:2x2x2"))
+  assert large[aot.WEIGHTS]["result_bytes"] > 0
+  assert large[aot.ACTIVATIONS]["result_bytes"] <= small[aot.ACTIVATIONS]["result_bytes"] * 1.01 + 64, (
+      reports["v5p:2x2x2"]["largest_activation_collectives"])
 
 
 if __name__ == "__main__" and "--compile" in sys.argv:
