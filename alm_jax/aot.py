@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from alm_jax import oom
 from alm_jax.config import ConfigError
 from alm_jax.models.partitioning import Rules
 
@@ -198,12 +199,15 @@ class MemoryReport:
   def fits(self) -> bool | None:
     return None if self.hbm is None else self.total <= self.hbm
 
-  def format(self) -> str:
+  def format(self, partial: bool = False) -> str:
+    """The table `alm-jax compile` prints; `partial`: only arguments and temporaries are known."""
     rows = [("arguments", self.arguments), ("outputs (not aliased)", self.outputs - self.aliased),
             ("temporaries", self.temporaries), ("generated code", self.generated_code), ("total", self.total)]
+    if partial:
+      rows = [rows[0], rows[2], ("total (at least)", self.total)]
     lines = [f"  {name:<24}{_gib(v):>12}" for name, v in rows]
     if self.hbm:
-      verdict = "fits" if self.fits else "DOES NOT FIT"
+      verdict = "fits" if self.fits else f"does NOT fit: needs {_gib(self.total)} of {_gib(self.hbm)}"
       lines.append(f"  {'HBM per device':<24}{_gib(self.hbm):>12}   ({self.total / self.hbm:.1%} used: {verdict})")
     return "\n".join(lines)
 
@@ -361,6 +365,44 @@ def classify_collectives(ops: Sequence[CollectiveOp], parameter_counts: set[int]
   return out
 
 
+_NOT_BUFFERS = {"parameter", "bitcast", "get-tuple-element", "tuple", "constant", "after-all", "partition-id",
+                "replica-id", "iota", "copy-start"}  # copy-start: an async copy's tuple repeats its operand
+
+
+def largest_arrays(hlo_text: str, top: int = 8) -> list[dict]:
+  """The largest arrays an optimised program materialises per device, each `{"bytes", "shape", "op_name"}`.
+
+  Outputs of instructions outside fused computations (a fusion's insides are never stored), without
+  the program's inputs and aliases (parameters, bitcasts, tuples); one entry per JAX op and shape.
+  Not a liveness analysis: what is live at the peak depends on the schedule, but the largest arrays
+  say which activations a batch makes big.
+  """
+  seen: dict[tuple[str, str], dict] = {}
+  computation, fused = "", False
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      fused = computation.startswith(("fused_", "wrapped_", "all-reduce-scatter")) or ".fused" in computation
+      continue
+    op = _OP.match(line)
+    if not op or fused:
+      continue
+    shape, opcode = op.groups()
+    if opcode in _NOT_BUFFERS or opcode.endswith("-done"):
+      continue
+    arrays = _arrays(shape)
+    if not arrays:
+      continue
+    dtype, dims = max(arrays, key=lambda a: _DTYPE_BYTES[a[0]] * math.prod(a[1]))
+    name = re.search(r'op_name="([^"]*)"', line)
+    key = (name.group(1) if name else opcode, _shapes_text([(dtype, dims)]))
+    size = _DTYPE_BYTES[dtype] * math.prod(dims)
+    if key not in seen or seen[key]["bytes"] < size:
+      seen[key] = {"bytes": size, "shape": key[1], "op_name": key[0]}
+  return sorted(seen.values(), key=lambda b: -b["bytes"])[:top]
+
+
 def entry_parameter_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
   """(`op_name` metadata, per-device shape) of each parameter of the ENTRY computation."""
   out, in_entry = [], False
@@ -391,8 +433,24 @@ class CompileReport:
   compile_seconds: float
   traffic: dict[str, CollectiveStat] = dataclasses.field(default_factory=dict)
   largest_activation_collectives: list[dict] = dataclasses.field(default_factory=list)
+  compiler_error: str = ""  # the compiler refused the program (out of memory): its message's first line
+  largest_buffers: list[dict] = dataclasses.field(default_factory=list)  # as the compiler's message names them
+
+  @property
+  def fits(self) -> bool | None:
+    return False if self.compiler_error else self.memory.fits
 
   def format(self) -> str:
+    if self.compiler_error:
+      lines = [f"did not compile for {self.target}: {self.num_devices} devices, mesh {self.mesh_shape}, "
+               f"after {self.compile_seconds:.1f} s: the compiler ran out of device memory",
+               f"  {self.compiler_error}",
+               "per-device memory (arguments from the sharded inputs, temporaries from the compiler's message):",
+               self.memory.format(partial=True)]
+      if self.largest_buffers:
+        lines.append("largest allocations (compiler):")
+        lines += [f"  {_gib(b['bytes']):>12}  {b['shape']}  {b['op_name'][:100]}" for b in self.largest_buffers[:8]]
+      return "\n".join(lines)
     lines = [f"compiled for {self.target}: {self.num_devices} devices, mesh {self.mesh_shape}, "
              f"in {self.compile_seconds:.1f} s", "per-device memory:", self.memory.format(),
              "collectives (ops in the program):"]
@@ -412,6 +470,7 @@ class CompileReport:
     """JSON-friendly form (for reports and docs/scaling.md tables)."""
     d = dataclasses.asdict(self)
     d["memory"]["total"] = self.memory.total
+    d["fits"] = self.fits
     return d
 
 
@@ -493,11 +552,42 @@ def compile_and_report(
     topology: Topology | None = None,
     parameter_shapes: Iterable[Sequence[int]] | None = None,
 ) -> tuple[Any, CompileReport]:
-  """`compile_step` + `analyse`; returns `(compiled, report)`."""
+  """`compile_step` + `analyse`; returns `(compiled, report)`.
+
+  A program the compiler refuses for want of device memory is not an error here: the result is
+  `(None, report)` with `report.fits == False`, the arguments' bytes from the sharded inputs and the
+  temporaries and largest allocations the compiler's message names (`oom.parse`).
+  """
   start = time.perf_counter()
-  compiled = compile_step(fn, args, in_shardings=in_shardings, out_shardings=out_shardings, mesh=mesh, rules=rules,
-                          donate_argnums=donate_argnums)
-  seconds = time.perf_counter() - start
   target = topology.label if topology else ""
   hbm = topology.hbm_bytes if topology else None
+  try:
+    compiled = compile_step(fn, args, in_shardings=in_shardings, out_shardings=out_shardings, mesh=mesh,
+                            rules=rules, donate_argnums=donate_argnums)
+  except Exception as e:  # pylint: disable=broad-except
+    if not oom.is_out_of_memory(e):
+      raise
+    return None, out_of_memory_report(oom.parse(str(e)), args, mesh, target, hbm, time.perf_counter() - start)
+  seconds = time.perf_counter() - start
   return compiled, analyse(compiled, mesh, target, hbm, seconds, parameter_shapes)
+
+
+def sharded_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded arrays or `ShapeDtypeStruct`s (the most any device holds)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    shape = tuple(sharding.shard_shape(leaf.shape)) if sharding is not None else tuple(leaf.shape)
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def out_of_memory_report(error: oom.OutOfMemory, args: Sequence[Any], mesh: Any, target: str, hbm: int | None,
+                         seconds: float) -> CompileReport:
+  """The report of a program the compiler refused: what is known of its memory, and the compiler's words."""
+  devices = list(np.asarray(mesh.devices).flat)
+  memory = MemoryReport(arguments=sharded_bytes(args), outputs=0, aliased=0, temporaries=error.temporaries or 0,
+                        generated_code=0, hbm=error.available or hbm or (hbm_bytes(devices[0]) if devices else None))
+  return CompileReport(target=target or getattr(devices[0], "device_kind", "?"), num_devices=len(devices),
+                       mesh_shape=dict(mesh.shape), memory=memory, collectives={}, flops=None, compile_seconds=seconds,
+                       compiler_error=error.message, largest_buffers=list(error.largest))
