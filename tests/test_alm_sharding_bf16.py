@@ -1,12 +1,12 @@
 """The audio-language model's production train step in bf16 compute with two accumulated micro-batches on
-every mesh of 8 CPU devices: each equals the 1-device float32 step within bf16 tolerance, and the frozen
+five kinds of mesh of 8 CPU devices (data, FSDP, tensor, all three, and one device): each equals the 1-device float32 step within bf16 tolerance, and the frozen
 weights stay float32 (the float32 half of the matrix is test_alm_sharding.py). This half runs the choices a
 CPU config makes (`CPU_CHOICES`), the float32 half those of a TPU config."""
 
 import numpy as np
 import pytest
 
-from test_alm_sharding import (BF16_RUNS, BF16_TOLERANCE, MESHES, WEAK_SCALING_MESHES,
+from test_alm_sharding import (BF16_MESHES, BF16_RUNS, BF16_TOLERANCE, BF16_WEAK_SCALING,
                                assert_activation_collectives_do_not_grow)
 
 
@@ -18,7 +18,7 @@ def matrix():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("shape", BF16_MESHES)
 def test_bf16_accumulated_step_on_every_mesh_equals_one_device_float32(matrix, shape):
   from parity_harness import assert_same_training  # pylint: disable=import-outside-toplevel
 
@@ -34,7 +34,7 @@ def test_bf16_accumulated_step_on_every_mesh_equals_one_device_float32(matrix, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("small,large", WEAK_SCALING_MESHES)
-def test_bf16_step_with_cpu_choices_communicates_weights_not_the_global_batch(matrix, small, large):
+def test_bf16_step_with_cpu_choices_communicates_weights_not_the_global_batch(matrix):
   # rfft and a per-window loop in the front end, blocked Whisper attention: each runs per device shard.
+  small, large = BF16_WEAK_SCALING
   assert_activation_collectives_do_not_grow(matrix[(small, "bfloat16", 2)], matrix[(large, "bfloat16", 2)])
