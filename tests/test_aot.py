@@ -110,7 +110,7 @@ def test_memory_report_totals_and_verdict():
   assert "93.8% used: fits" in report.format()
   tight = aot.MemoryReport(arguments=10 * aot.GIB, outputs=10 * aot.GIB, aliased=0, temporaries=0, generated_code=0,
                            hbm=16 * aot.GIB)
-  assert not tight.fits and "DOES NOT FIT" in tight.format()
+  assert not tight.fits and "does NOT fit: needs 20.00 GiB of 16.00 GiB" in tight.format()
 
 
 # ----------------------------------------------------------------------------
