@@ -1,6 +1,6 @@
 """Evaluation reports: the report.json schema, a Markdown table and a PNG bar chart.
 
-The schema (DESIGN.md, relied on by `alm-jax demo` and `alm-jax eval`):
+The schema (this docstring is its definition; `alm-jax demo`, `alm-jax eval` and their tests rely on it):
 
     {"benchmark", "checkpoint", "n",
      "scores": {SCORER: {"overall": {"accuracy", "random", "n"},

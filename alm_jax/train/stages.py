@@ -23,7 +23,7 @@ from alm_jax.config import ConfigError, require
 # Where these keys live in a run's config; error messages name them under it.
 KEY_PREFIX = "config.train"
 
-# Built-in stages (DESIGN.md "Training stages").
+# Built-in stages (README.md "Training stages": what each trains and why).
 BUILTIN_STAGES: dict[str, tuple[tuple[str, bool], ...]] = {
     "projector": ((r"^bridge/", True),),
     "lora": ((r"^bridge/", True), (r"(^|/)lora_[ab]$", True)),
