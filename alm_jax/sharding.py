@@ -9,7 +9,7 @@ state already sharded (`jax.eval_shape` + `jax.jit(out_shardings=...)`), places
 host arrays from imported checkpoints shard by shard, and refuses meshes or
 rule tables that cannot work before anything is compiled.
 
-Parameters themselves are laid out by `alm_jax.train.params.ParamLayout` (flat
+Parameters themselves are laid out by `alm_jax.params.ParamLayout` (flat
 path dicts, one `NamedSharding` per path from the rules here); that is the one
 parameter API training, checkpoints, inference and `alm-jax compile` share.
 

@@ -185,9 +185,9 @@ class OurStep:
 
     from alm_jax import sharding as sharding_lib
     from alm_jax.models.alm import AudioLanguageModel
+    from alm_jax.params import ParamLayout, count
     from alm_jax.train import flops as flops_lib
     from alm_jax.train.optimizer import OptimizerConfig, abstract_opt_state, make_optimizer
-    from alm_jax.train.params import ParamLayout, count
     from alm_jax.train.program import BATCH_DTYPES, batch_spec_sharding
     from alm_jax.train.step import make_train_step
 

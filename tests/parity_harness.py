@@ -101,8 +101,8 @@ def run_case(case: StepCase, run: Mapping[str, Any], host_params: Mapping[str, n
   from jax.sharding import NamedSharding, PartitionSpec
 
   from alm_jax import aot, distributed, sharding
+  from alm_jax.params import ParamLayout
   from alm_jax.train.optimizer import abstract_opt_state, make_optimizer
-  from alm_jax.train.params import ParamLayout
   from alm_jax.train.step import jit_train_step
 
   config = sharding.mesh_config_from({k: run[k] for k in ("shape", "dcn_shape") if k in run})

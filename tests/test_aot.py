@@ -124,8 +124,8 @@ def compile_tiny(topology_text: str, shape: tuple[int, ...], dcn_shape: tuple[in
   import numpy as np
 
   from alm_jax import sharding
+  from alm_jax.params import ParamLayout
   from alm_jax.train.optimizer import OptimizerConfig, abstract_opt_state, make_optimizer
-  from alm_jax.train.params import ParamLayout
   from alm_jax.train.step import make_train_step
   from test_sharding import TinyTransformer
 

@@ -19,7 +19,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from alm_jax import sharding
 from alm_jax.config import ConfigError
 from alm_jax.models import layers, partitioning
-from alm_jax.train.params import ParamLayout
+from alm_jax.params import ParamLayout
 
 # ----------------------------------------------------------------------------
 # The small test transformer (built only from alm_jax.models.layers).

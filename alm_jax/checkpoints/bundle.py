@@ -20,7 +20,7 @@ from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import CheckpointError
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel
 from alm_jax.models.partitioning import Rules
-from alm_jax.train.params import Flat, ParamLayout
+from alm_jax.params import Flat, ParamLayout
 
 TOKENIZER_FILE = "tokenizer.json"
 

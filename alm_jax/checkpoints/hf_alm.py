@@ -40,7 +40,7 @@ from alm_jax.models.alm import ALMConfig, AudioConfig, AudioLanguageModel, Bridg
 from alm_jax.models.llm import LLMConfig
 from alm_jax.models.projector import ProjectorConfig
 from alm_jax.models.whisper import WhisperConfig
-from alm_jax.train.params import ParamLayout
+from alm_jax.params import ParamLayout
 
 Place = Callable[[str, np.ndarray], Any]
 

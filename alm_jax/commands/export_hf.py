@@ -36,7 +36,7 @@ def _export_tower(ckpt: str, config: dict, out: str, max_shard_bytes: int) -> li
   from alm_jax.config import from_dict  # pylint: disable=import-outside-toplevel
   from alm_jax.models.llm import LLM, LLMConfig  # pylint: disable=import-outside-toplevel
   from alm_jax.models.whisper import WhisperConfig, WhisperEncoder  # pylint: disable=import-outside-toplevel
-  from alm_jax.train.params import ParamLayout  # pylint: disable=import-outside-toplevel
+  from alm_jax.params import ParamLayout  # pylint: disable=import-outside-toplevel
 
   tower, hf = config["tower"], config.get("hf") or {}
   if tower["kind"] == "whisper":

@@ -101,7 +101,7 @@ def import_hf(src: str, out: str, *, family: str = "auto", max_windows: int | No
   from alm_jax.checkpoints.safetensors_io import SIDE_FILES, copy_side_files  # pylint: disable=import-outside-toplevel
   from alm_jax.config import to_dict  # pylint: disable=import-outside-toplevel
   from alm_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
-  from alm_jax.train.params import count  # pylint: disable=import-outside-toplevel
+  from alm_jax.params import count  # pylint: disable=import-outside-toplevel
 
   src, out = os.path.expanduser(src), str(ckpt_lib.absolute(out))  # relative to the current directory or `~/...`
   if not os.path.isdir(src):

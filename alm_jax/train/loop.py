@@ -28,12 +28,12 @@ from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import UserError
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
 from alm_jax.models.tagging import check_one_clip_per_example
+from alm_jax.params import Flat, ParamLayout
 from alm_jax.run_config import RunConfig
 from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.metrics import MetricsWriter, format_scalars
 from alm_jax.train.optimizer import abstract_opt_state, learning_rate_at, make_optimizer
-from alm_jax.train.params import Flat, ParamLayout
 from alm_jax.train.pretrained import load_pretrained_towers
 from alm_jax.train.step import jit_train_step, make_eval_step, model_config_for, stack_micro_batches
 

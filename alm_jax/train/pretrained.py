@@ -15,8 +15,8 @@ from jax.sharding import Mesh
 from alm_jax.checkpoints import mapping
 from alm_jax.errors import CheckpointError
 from alm_jax.models.partitioning import Rules
+from alm_jax.params import ParamLayout
 from alm_jax.train.config import PretrainedConfig
-from alm_jax.train.params import ParamLayout
 
 
 @dataclasses.dataclass

@@ -17,11 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from alm_jax.data.pipeline import batch_shapes
 from alm_jax.models.alm import AudioLanguageModel
 from alm_jax.models.partitioning import Rules, logical_to_spec
+from alm_jax.params import ParamLayout
 from alm_jax.run_config import RunConfig
 from alm_jax.sharding import assert_params_sufficiently_sharded
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.optimizer import abstract_opt_state, make_optimizer
-from alm_jax.train.params import ParamLayout
 from alm_jax.train.step import make_train_step, model_config_for
 
 BATCH_DTYPES = {"tokens": jnp.int32, "token_mask": jnp.bool_, "loss_mask": jnp.float32, "audio": jnp.float32,

@@ -22,9 +22,8 @@ import optax
 from jax.sharding import Mesh
 
 from alm_jax.models.partitioning import Rules
-
+from alm_jax.params import Flat, ParamLayout
 from alm_jax.train.optimizer import cast_for_compute
-from alm_jax.train.params import Flat, ParamLayout
 
 
 def model_config_for(model_cfg: Any, objective: str) -> Any:

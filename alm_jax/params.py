@@ -1,10 +1,12 @@
 """A model's parameters as a flat `{"a/b/0/kernel": array}` dict, and back.
 
-Training, stages, optimizer and checkpoints all work on this flat view: the
-stage masks select by path regex, the optimizer sees only the trainable
-subset, Orbax saves plain dicts. `ParamLayout` holds the graph definition and
-the logical axes of every path, so it can rebuild the module inside a jitted
-function (`model(flat)`) and give each path its `NamedSharding`.
+Training, stages, optimizer, checkpoints, inference and `alm-jax compile` all
+work on this flat view (hence this module sits at the package top, not under
+`alm_jax.train`): the stage masks select by path regex, the optimizer sees only
+the trainable subset, Orbax saves plain dicts. `ParamLayout` holds the graph
+definition and the logical axes of every path, so it can rebuild the module
+inside a jitted function (`model(flat)`) and give each path its
+`NamedSharding`.
 """
 
 from __future__ import annotations
