@@ -23,11 +23,11 @@ from tqdm import tqdm
 from alm_jax import distributed
 from alm_jax import sharding as sharding_lib
 from alm_jax.checkpoints import orbax as ckpt_lib
+from alm_jax.data.batch_checks import check_audio_slots, check_one_clip_per_example
 from alm_jax.data.pipeline import DataConfig, make_dataset, pad_batch
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import UserError
-from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
-from alm_jax.models.tagging import check_one_clip_per_example
+from alm_jax.models.alm import ALMConfig, AudioLanguageModel
 from alm_jax.run_config import RunConfig
 from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
