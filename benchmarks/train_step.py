@@ -129,7 +129,7 @@ def make_batch(cfg: Any, batch: int, clip_seconds: tuple[float, float], lengths:
   """
   import numpy as np
 
-  from alm_jax.models.alm import check_audio_slots
+  from alm_jax.data.batch_checks import check_audio_slots
   from alm_jax.models.audio_slots import num_audio_tokens
 
   spec = cfg.token_spec()

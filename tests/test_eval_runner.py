@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from alm_jax.errors import DataError
-from alm_jax.eval import longaudio, mmau
+from alm_jax.eval import longaudio, mc_scoring
 from alm_jax.eval.runner import EvalOptions, PredictionStore, run_eval
 
 INSTRUMENTS = ["Violin", "Piano", "Drums", "Flute"]
@@ -70,7 +70,7 @@ class FakePredictor:
     if item.category == "speech":
       return item.answer
     if item.category == "sound":
-      return mmau.LETTERS[choices.index(item.answer)]
+      return mc_scoring.LETTERS[choices.index(item.answer)]
     other = next(c for c in choices if c != item.answer)
     return {"m1": f"The answer is: {item.answer}.", "m2": f"{item.answer} or {other}", "m3": ""}[item.id]
 

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from alm_jax.errors import DataError
-from alm_jax.eval import aif, mmau
+from alm_jax.eval import aif, mc_prompts, mc_readers, mc_scoring
 from alm_jax.eval.items import EvalItem, Skipped
 
 CHOICES = ["Cat meowing", "Dog barking", "Car horn", "Rain"]
@@ -46,79 +46,80 @@ REAL_ANSWERS = [
 
 @pytest.mark.parametrize("prediction,official,robust", REAL_ANSWERS)
 def test_scorers_on_real_world_answers(prediction, official, robust):
-  assert mmau.official_match(ANSWER, prediction, CHOICES) is official
-  assert mmau.robust_match(ANSWER, prediction, CHOICES) is robust
+  assert mc_scoring.official_match(ANSWER, prediction, CHOICES) is official
+  assert mc_scoring.robust_match(ANSWER, prediction, CHOICES) is robust
 
 
 def test_official_rule_known_outcomes():
   # Words a wrong choice shares with the answer do not count against the prediction.
   choices = ["A child", "A woman", "An adult man", "A teenager"]
-  assert mmau.official_match("A child", "a child", choices)
-  assert mmau.official_match("A child", "The speaker is a child", choices)
-  assert not mmau.official_match("A child", "A", choices)  # bare letter
-  assert not mmau.official_match("A child", "a child, not an adult man", choices)
-  assert not mmau.official_match("Man", "man or woman", ["Man", "Woman", "Child"])
-  assert mmau.official_match("Man", "It is a man", ["Man", "Woman", "Child"])  # "a" is no choice's word
+  assert mc_scoring.official_match("A child", "a child", choices)
+  assert mc_scoring.official_match("A child", "The speaker is a child", choices)
+  assert not mc_scoring.official_match("A child", "A", choices)  # bare letter
+  assert not mc_scoring.official_match("A child", "a child, not an adult man", choices)
+  assert not mc_scoring.official_match("Man", "man or woman", ["Man", "Woman", "Child"])
+  assert mc_scoring.official_match("Man", "It is a man", ["Man", "Woman", "Child"])  # "a" is no choice's word
   # Odd input never raises.
-  assert not mmau.official_match("", "anything", choices)
-  assert not mmau.official_match(None, "a child", choices)
-  assert mmau.official_match("Man", "man", None)  # no choices: only "every answer word present"
-  assert mmau.official_match("Man", "man", "not a list")
-  assert mmau.official_match("3", 3, ["2", "3"]) and not mmau.official_match("3", 2, ["2", "3"])
-  assert not mmau.official_match("Man", {"x": 1}, ["Man", "Woman"])
+  assert not mc_scoring.official_match("", "anything", choices)
+  assert not mc_scoring.official_match(None, "a child", choices)
+  assert mc_scoring.official_match("Man", "man", None)  # no choices: only "every answer word present"
+  assert mc_scoring.official_match("Man", "man", "not a list")
+  assert mc_scoring.official_match("3", 3, ["2", "3"]) and not mc_scoring.official_match("3", 2, ["2", "3"])
+  assert not mc_scoring.official_match("Man", {"x": 1}, ["Man", "Woman"])
 
 
 def test_robust_choice_rules_and_reasons():
-  assert mmau.robust_choice("B", CHOICES) == mmau.Match(1, "letter")
-  assert mmau.robust_choice("Dog barkin", CHOICES).rule == "closest option"
-  assert mmau.robust_choice("Dog barkin", CHOICES).index == 1
-  assert mmau.robust_choice("C because of the honking", CHOICES).index == 2
-  assert mmau.robust_choice("A dog barking", CHOICES).index == 1  # an article, not the letter A
-  assert mmau.robust_choice("something else entirely", CHOICES).index is None
-  assert mmau.robust_choice("Dog barking or cat meowing", CHOICES).rule.startswith("ambiguous")
-  assert mmau.robust_choice("dog", ["dog", "dog barking"]).index == 0
-  assert mmau.robust_choice("dog barking", ["dog", "dog barking"]).index == 1  # "dog" inside "dog barking"
-  assert mmau.robust_choice("B", []).index is None
-  assert mmau.robust_choice("B", None).index is None
+  assert mc_scoring.robust_choice("B", CHOICES) == mc_scoring.Match(1, "letter")
+  assert mc_scoring.robust_choice("Dog barkin", CHOICES).rule == "closest option"
+  assert mc_scoring.robust_choice("Dog barkin", CHOICES).index == 1
+  assert mc_scoring.robust_choice("C because of the honking", CHOICES).index == 2
+  assert mc_scoring.robust_choice("A dog barking", CHOICES).index == 1  # an article, not the letter A
+  assert mc_scoring.robust_choice("something else entirely", CHOICES).index is None
+  assert mc_scoring.robust_choice("Dog barking or cat meowing", CHOICES).rule.startswith("ambiguous")
+  assert mc_scoring.robust_choice("dog", ["dog", "dog barking"]).index == 0
+  assert mc_scoring.robust_choice("dog barking", ["dog", "dog barking"]).index == 1  # "dog" inside "dog barking"
+  assert mc_scoring.robust_choice("B", []).index is None
+  assert mc_scoring.robust_choice("B", None).index is None
   # Options that are letters themselves (note names) read as text, not as positions.
   notes = ["C", "D", "E", "F"]
-  assert mmau.robust_choice("E", notes).index == 2 and mmau.robust_choice("C", notes).index == 0
-  assert mmau.robust_match("E", "E", notes) and mmau.official_match("E", "E", notes)
+  assert mc_scoring.robust_choice("E", notes).index == 2 and mc_scoring.robust_choice("C", notes).index == 0
+  assert mc_scoring.robust_match("E", "E", notes) and mc_scoring.official_match("E", "E", notes)
   # Choices that carry their own labels.
-  assert mmau.robust_choice("(C) Car horn", ["(A) Cat", "(B) Dog", "(C) Car horn"]).index == 2
+  assert mc_scoring.robust_choice("(C) Car horn", ["(A) Cat", "(B) Dog", "(C) Car horn"]).index == 2
 
 
 def test_answer_index_and_labels():
-  assert mmau.answer_index("Dog barking", CHOICES) == 1
-  assert mmau.answer_index("dog barking.", CHOICES) == 1
-  assert mmau.answer_index("(B) Dog barking", CHOICES) == 1
-  assert mmau.answer_index("C", CHOICES) == 2
-  assert mmau.answer_index("Horse", CHOICES) is None
-  assert mmau.strip_labels(["A. x", "B. y"]) == ["x", "y"]
-  assert mmau.strip_labels(["A. x", "C. y"]) == ["A. x", "C. y"]  # not a run of labels
+  assert mc_scoring.answer_index("Dog barking", CHOICES) == 1
+  assert mc_scoring.answer_index("dog barking.", CHOICES) == 1
+  assert mc_scoring.answer_index("(B) Dog barking", CHOICES) == 1
+  assert mc_scoring.answer_index("C", CHOICES) == 2
+  assert mc_scoring.answer_index("Horse", CHOICES) is None
+  assert mc_scoring.strip_labels(["A. x", "B. y"]) == ["x", "y"]
+  assert mc_scoring.strip_labels(["A. x", "C. y"]) == ["A. x", "C. y"]  # not a run of labels
 
 
 def test_final_answer_extraction():
-  assert mmau.extract_final_answer("Let me think.\nThe pitch rises.\nAnswer: Dog barking") == "Dog barking"
-  assert mmau.extract_final_answer("<think>cat? dog?</think> Dog barking") == "Dog barking"
-  assert mmau.extract_final_answer("reasoning <answer>Rain</answer>") == "Rain"
-  assert mmau.extract_final_answer("first line\nlast line") == "last line"
-  assert mmau.extract_final_answer(None) == ""
-  assert mmau.extract_final_answer("") == ""
+  assert mc_scoring.extract_final_answer("Let me think.\nThe pitch rises.\nAnswer: Dog barking") == "Dog barking"
+  assert mc_scoring.extract_final_answer("<think>cat? dog?</think> Dog barking") == "Dog barking"
+  assert mc_scoring.extract_final_answer("reasoning <answer>Rain</answer>") == "Rain"
+  assert mc_scoring.extract_final_answer("first line\nlast line") == "last line"
+  assert mc_scoring.extract_final_answer(None) == ""
+  assert mc_scoring.extract_final_answer("") == ""
 
 
 def test_prompt_with_choices_and_think():
-  prompt = mmau.build_prompt("What is heard?", CHOICES)
+  prompt = mc_prompts.build_prompt("What is heard?", CHOICES)
   assert "What is heard?" in prompt and "(A) Cat meowing" in prompt and "(D) Rain" in prompt
   assert "step by step" not in prompt
-  assert prompt + mmau.THINK_SUFFIX == mmau.build_prompt("What is heard?", CHOICES, think=True)
-  assert mmau.build_prompt("Q?", CHOICES, template="{question} | {options}") == "Q? | " + mmau.format_options(CHOICES)
+  assert prompt + mc_prompts.THINK_SUFFIX == mc_prompts.build_prompt("What is heard?", CHOICES, think=True)
+  assert (mc_prompts.build_prompt("Q?", CHOICES, template="{question} | {options}")
+          == "Q? | " + mc_prompts.format_options(CHOICES))
 
 
 def test_parse_choices_from_text():
-  assert mmau.parse_choices("Which? (A) cat, (B) dog or (C) car\nBe brief.") == ("Which?", ["cat", "dog", "car"])
-  assert mmau.parse_choices("Which?\nA. cat\nB. dog\nMore text") == ("Which?", ["cat", "dog"])
-  assert mmau.parse_choices("Describe the audio.") == ("Describe the audio.", [])
+  assert mc_prompts.parse_choices("Which? (A) cat, (B) dog or (C) car\nBe brief.") == ("Which?", ["cat", "dog", "car"])
+  assert mc_prompts.parse_choices("Which?\nA. cat\nB. dog\nMore text") == ("Which?", ["cat", "dog"])
+  assert mc_prompts.parse_choices("Describe the audio.") == ("Describe the audio.", [])
 
 
 def _wav(path):
@@ -144,7 +145,7 @@ def test_readers_take_every_published_layout(tmp_path):
       {"from": "gpt", "value": "(B) Violin"}]}
   path = tmp_path / "mixed.json"
   path.write_text(json.dumps([mmau_rec, pro_multi, pro_open, pro_instr, af3]))
-  loaded = mmau.load_mc(str(path), str(tmp_path))
+  loaded = mc_readers.load_mc(str(path), str(tmp_path))
   assert loaded.skipped == []
   by_id = {item.id: item for item in loaded.items}
   m1 = by_id["m1"]
@@ -159,7 +160,7 @@ def test_readers_take_every_published_layout(tmp_path):
   f1 = by_id["f1"]
   assert f1.choices == ("Piano", "Violin", "Drums") and f1.duration == 7.5
   assert f1.answer == "Violin" and f1.meta["raw_answer"] == "(B) Violin"
-  assert mmau.score_mc(f1, "Violin")["official"] and mmau.score_mc(f1, "B")["robust"]
+  assert mc_scoring.score_mc(f1, "Violin")["official"] and mc_scoring.score_mc(f1, "B")["robust"]
   assert f1.prompt == "<sound>\nWhat is the instrument? (A) Piano (B) Violin (C) Drums"  # as published
 
 
@@ -176,7 +177,7 @@ def test_jsonl_manifest_with_conversation_and_parquet(tmp_path):
   ]
   path = tmp_path / "test.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  loaded = mmau.load_mc(str(path))  # audio relative to the manifest
+  loaded = mc_readers.load_mc(str(path))  # audio relative to the manifest
   s1, s2 = loaded.items
   assert s1.prompt == user and s1.audio == (str(tmp_path / "x.wav"), str(tmp_path / "y.wav"))
   assert s1.category == "multi-audio" and s2.category == "speech"
@@ -188,7 +189,7 @@ def test_jsonl_manifest_with_conversation_and_parquet(tmp_path):
   table = pa.Table.from_pylist([{"id": "q1", "audio_path": ["x.wav", "y.wav"], "question": "Same speaker?",
                                  "choices": ["yes", "no"], "answer": "no", "category": "multi"}])
   pq.write_table(table, tmp_path / "test.parquet")
-  (item,) = mmau.load_mc(str(tmp_path / "test.parquet"), str(tmp_path)).items
+  (item,) = mc_readers.load_mc(str(tmp_path / "test.parquet"), str(tmp_path)).items
   assert item.choices == ("yes", "no") and len(item.audio) == 2
 
 
@@ -206,7 +207,7 @@ def test_malformed_items_are_skipped_with_reasons(tmp_path):
   ]
   path = tmp_path / "bad.json"
   path.write_text(json.dumps(records))
-  loaded = mmau.load_mc(str(path), str(tmp_path))
+  loaded = mc_readers.load_mc(str(path), str(tmp_path))
   assert [item.id for item in loaded.items] == ["good"]
   reasons = {s.id: s.reason for s in loaded.skipped}
   assert reasons["no_file"].startswith("missing audio file") and "gone.wav" in reasons["no_file"]
@@ -220,19 +221,19 @@ def test_malformed_items_are_skipped_with_reasons(tmp_path):
 
 def test_bad_files_raise_data_error(tmp_path):
   with pytest.raises(DataError, match="no such benchmark file"):
-    mmau.load_mc(str(tmp_path / "none.json"))
+    mc_readers.load_mc(str(tmp_path / "none.json"))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"id": 1}\n{broken\n')
   with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
-    mmau.load_mc(str(bad))
+    mc_readers.load_mc(str(bad))
 
 
 def test_score_mc_with_think_reads_final_answer_only():
   item = EvalItem("i", "p", (), "mcq", ANSWER, tuple(CHOICES), "sound")
   text = "Cat meowing would be higher pitched. Dog barking fits.\nAnswer: Dog barking"
-  assert mmau.score_mc(item, text, think=True)["official"]
-  assert not mmau.score_mc(item, text, think=False)["official"]  # the whole text names two options
-  assert mmau.score_mc(item, text, think=False)["robust"]  # robust reads the final-answer line itself
+  assert mc_scoring.score_mc(item, text, think=True)["official"]
+  assert not mc_scoring.score_mc(item, text, think=False)["official"]  # the whole text names two options
+  assert mc_scoring.score_mc(item, text, think=False)["robust"]  # robust reads the final-answer line itself
 
 
 def test_instruction_following_checks():
@@ -252,10 +253,10 @@ def test_instruction_following_checks():
                                  "[", "B" * 5000, "ÄÖÜ ß 猫", "(B", "B)", ":", "\n\n\n", 3.5, b"B", True])
 def test_scorers_never_raise_on_odd_input(odd):
   for choices in (CHOICES, [], None, ["", "x"], [1, 2], "text"):
-    assert mmau.official_match(ANSWER, odd, choices) in (True, False)
-    assert mmau.robust_match(ANSWER, odd, choices) in (True, False)
-    assert mmau.robust_choice(odd, choices).index in (None, 0, 1, 2, 3)
-  assert isinstance(mmau.extract_final_answer(odd), str)
+    assert mc_scoring.official_match(ANSWER, odd, choices) in (True, False)
+    assert mc_scoring.robust_match(ANSWER, odd, choices) in (True, False)
+    assert mc_scoring.robust_choice(odd, choices).index in (None, 0, 1, 2, 3)
+  assert isinstance(mc_scoring.extract_final_answer(odd), str)
 
 
 def test_synthetic_corpus_split_mixes_questions_and_training_pairs(tmp_path):
@@ -263,7 +264,7 @@ def test_synthetic_corpus_split_mixes_questions_and_training_pairs(tmp_path):
   from alm_jax.eval import asr
 
   _wav(tmp_path / "c.wav")
-  user = mmau.build_prompt("Which word was said?", ["seven", "three"])
+  user = mc_prompts.build_prompt("Which word was said?", ["seven", "three"])
   lines = [
       {"id": "t-1", "audio": ["c.wav"], "conversation": [{"role": "user", "content": user},
                                                         {"role": "assistant", "content": "three"}],
@@ -276,7 +277,7 @@ def test_synthetic_corpus_split_mixes_questions_and_training_pairs(tmp_path):
   ]
   path = tmp_path / "test.jsonl"
   path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-  loaded = mmau.load_mc(str(path))
+  loaded = mc_readers.load_mc(str(path))
   assert [i.id for i in loaded.items] == ["t-1"] and loaded.items[0].prompt == user
   assert loaded.items[0].sub_category == "word" and not loaded.skipped
   assert any("1 caption, 1 transcribe" in note for note in loaded.notes)
@@ -287,5 +288,5 @@ def test_synthetic_corpus_split_mixes_questions_and_training_pairs(tmp_path):
 
 def test_default_prompt_matches_the_corpus_format():
   records = pytest.importorskip("alm_jax.data.records")
-  assert mmau.build_prompt(" Which chord? ", ["C major", "A minor"]) == records.format_mcq(" Which chord? ",
-                                                                                         ["C major", "A minor"])
+  assert mc_prompts.build_prompt(" Which chord? ", ["C major", "A minor"]) == records.format_mcq(" Which chord? ",
+                                                                                               ["C major", "A minor"])

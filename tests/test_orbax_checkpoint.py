@@ -18,10 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from alm_jax.checkpoints.orbax import (
     CheckpointConfig,
-    PreemptionWatcher,
     TrainCheckpointer,
     has_checkpoint,
-    install_preemption_handler,
     read_metadata,
     restore_params_only,
 )
@@ -29,6 +27,7 @@ from alm_jax.config import ConfigError, from_dict
 from alm_jax.errors import CheckpointError
 from alm_jax.train import stages
 from alm_jax.train.optimizer import OptimizerConfig, abstract_opt_state, make_optimizer
+from alm_jax.train.preemption import PreemptionWatcher, install_preemption_handler
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alm_jax.data import batch_checks
 from alm_jax.errors import DataError
 from alm_jax.models import tagging
 
@@ -41,9 +42,9 @@ def test_check_one_clip_per_example_names_the_examples():
   batch = {"tokens": np.array([[AUDIO, 1, AUDIO], [AUDIO, 2, 2], [3, 3, 3]]),
            "audio_clip": np.array([[0, 1], [0, -1], [-1, -1]]), "example_id": np.array([11, 12, 13])}
   with pytest.raises(DataError, match=r"\[11\].*one clip per example"):
-    tagging.check_one_clip_per_example(batch, AUDIO)
+    batch_checks.check_one_clip_per_example(batch, AUDIO)
   batch["audio_clip"] = np.array([[0, 0], [0, -1], [-1, -1]])  # one clip over two windows is fine
-  tagging.check_one_clip_per_example(batch, AUDIO)
+  batch_checks.check_one_clip_per_example(batch, AUDIO)
 
 
 def test_tagging_loss_is_zero_only_for_the_right_tags():
@@ -118,5 +119,5 @@ def tiny_corpus_trainer(tagging_corpus, tmp_path):
 
   trainer = _trainer(tagging_corpus, tmp_path, "encoder", ENCODER_STAGE)
   local = next(iter(make_dataset(trainer.cfg.data, trainer.spec, trainer.tokenizer, split="train", seed=0)))
-  tagging.check_one_clip_per_example(local, trainer.model_cfg.audio_token_id)
+  batch_checks.check_one_clip_per_example(local, trainer.model_cfg.audio_token_id)
   return trainer, _local_batch_to_global(local, trainer.mesh, trainer.rules)

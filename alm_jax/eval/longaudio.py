@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from alm_jax.eval import mmau
+from alm_jax.eval import mc_prompts, mc_readers
 from alm_jax.eval.items import EvalItem
 
 # Bucket edges in seconds: [0, 30), [30, 60), [60, 120), [120, 300), [300, 600), [600, ∞).
@@ -71,17 +71,18 @@ def load_longaudio(
     audio_root: str | None = None,
     *,
     think: bool = False,
-    template: str = mmau.DEFAULT_TEMPLATE,
+    template: str = mc_prompts.DEFAULT_TEMPLATE,
     check_audio: bool = True,
     limit: int | None = None,
-) -> mmau.Loaded:
+) -> mc_readers.Loaded:
   """Reads a long-audio manifest; every item gets a `duration` (from the file or the audio headers)."""
-  loaded = mmau.load_mc(data_path, audio_root, think=think, template=template, check_audio=check_audio, limit=limit)
+  loaded = mc_readers.load_mc(data_path, audio_root, think=think, template=template, check_audio=check_audio,
+                              limit=limit)
   filled = [
       item if item.duration is not None else dataclasses.replace(item, duration=clip_seconds(item.audio))
       for item in loaded.items
   ]
-  return mmau.Loaded(filled, loaded.skipped, loaded.notes)
+  return mc_readers.Loaded(filled, loaded.skipped, loaded.notes)
 
 
 def length_buckets(items: Sequence[EvalItem], edges: Sequence[float] = DEFAULT_EDGES) -> dict[str, str]:

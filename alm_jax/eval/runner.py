@@ -33,7 +33,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from alm_jax.config import ConfigError
 from alm_jax.errors import DataError
-from alm_jax.eval import aif, asr, longaudio, mmau, report as report_lib
+from alm_jax.eval import aif, asr, longaudio, mc_prompts, mc_readers, mc_scoring, report as report_lib
 from alm_jax.eval.items import EvalItem
 
 BENCHMARKS = ("mmau", "mmau-pro", "asr", "longaudio")
@@ -81,7 +81,7 @@ class EvalOptions:
   think: bool = False
   limit: int | None = None
   check_audio: bool = True
-  prompt_template: str = mmau.DEFAULT_TEMPLATE
+  prompt_template: str = mc_prompts.DEFAULT_TEMPLATE
   asr_prompt: str = asr.DEFAULT_PROMPT
   length_edges: tuple[float, ...] = longaudio.DEFAULT_EDGES
   lockstep: bool | None = None
@@ -98,18 +98,18 @@ class EvalOptions:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_benchmark(benchmark: str, data_path: str, audio_root: str | None, options: EvalOptions) -> mmau.Loaded:
+def load_benchmark(benchmark: str, data_path: str, audio_root: str | None, options: EvalOptions) -> mc_readers.Loaded:
   """Reads a benchmark file into items, skipped items and notes."""
   if benchmark not in BENCHMARKS:
     raise ConfigError("--benchmark", f"unknown benchmark {benchmark!r} (known: {', '.join(BENCHMARKS)})")
   common = dict(check_audio=options.check_audio, limit=options.limit)
   if benchmark == "asr":
     found, skipped, notes = asr.load_asr(data_path, audio_root, prompt=options.asr_prompt, **common)
-    return mmau.Loaded(found, skipped, notes)
+    return mc_readers.Loaded(found, skipped, notes)
   if benchmark == "longaudio":
     return longaudio.load_longaudio(data_path, audio_root, think=options.think, template=options.prompt_template,
                                     **common)
-  return mmau.load_mc(data_path, audio_root, think=options.think, template=options.prompt_template, **common)
+  return mc_readers.load_mc(data_path, audio_root, think=options.think, template=options.prompt_template, **common)
 
 
 # ----------------------------------------------------------------------------- predictions store
@@ -262,7 +262,7 @@ def predict_share(
 # ----------------------------------------------------------------------------- scoring
 
 
-def _notes(benchmark: str, options: EvalOptions, loaded: mmau.Loaded) -> list[str]:
+def _notes(benchmark: str, options: EvalOptions, loaded: mc_readers.Loaded) -> list[str]:
   notes = list(loaded.notes)
   if benchmark == "asr":
     notes.append("wer: corpus word error rate (jiwer) after Whisper's English text normalisation "
@@ -273,7 +273,7 @@ def _notes(benchmark: str, options: EvalOptions, loaded: mmau.Loaded) -> list[st
                "wrong choice present; a bare letter is wrong).")
   notes.append("robust: the answer mapped to one option by option text, letter or closest option; an answer naming "
                "two options is wrong unless its final-answer line names one "
-               "(rule: alm_jax/eval/mmau.py robust_choice).")
+               "(rule: alm_jax/eval/mc_scoring.py robust_choice).")
   if benchmark == "mmau-pro":
     notes.append("MMAU-Pro closed items: the published scorer matches answers to choices by NV-Embed-v2 embedding "
                  "similarity, a model that cannot be downloaded here; `robust` choice matching stands in for it and "
@@ -292,7 +292,7 @@ def _notes(benchmark: str, options: EvalOptions, loaded: mmau.Loaded) -> list[st
 
 def score(
     benchmark: str,
-    loaded: mmau.Loaded,
+    loaded: mc_readers.Loaded,
     predictions: Mapping[str, str | None],
     options: EvalOptions,
 ) -> dict[str, Any]:
@@ -321,7 +321,7 @@ def score(
   for item, pred in zip(found, preds):
     if item.kind == "mcq":
       mc_rows.append({**base(item), "n_choices": len(item.choices), "answer": item.answer, "prediction": pred,
-                      **mmau.score_mc(item, pred, think=options.think)})
+                      **mc_scoring.score_mc(item, pred, think=options.think)})
     elif item.kind == "instruction":
       ok, reason = aif.check(pred, item.meta.get("task_identifier"), item.meta.get("kwargs"),
                              item.meta.get("question", ""))

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from alm_jax.checkpoints.bundle import ModelBundle
+from alm_jax.data.batch_checks import check_audio_slots
 from alm_jax.data.pipeline import collate
 from alm_jax.errors import DataError
 from alm_jax.infer.generate import bucket_length, decode
 from alm_jax.infer.sampling import SamplingConfig
-from alm_jax.models.alm import check_audio_slots
 from alm_jax.models.audio_slots import num_audio_tokens, num_windows
 
 

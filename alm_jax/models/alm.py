@@ -5,8 +5,8 @@ Input is the batch contract of `alm_jax.data.pipeline` (PCM windows, token ids
 with placeholder spans, masks). Features are computed on device inside the
 model, so the same jitted step covers front end, encoders, bridge and LLM.
 The number of placeholder tokens per clip comes from `audio_slots` — the one
-function the tokenizer side uses too — and `check_audio_slots` verifies a
-batch against it on the host before it reaches the device.
+function the tokenizer side uses too — and `alm_jax.data.batch_checks.check_audio_slots`
+verifies a batch against it on the host before it reaches the device.
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from typing import Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from alm_jax.audio import features
 from alm_jax.config import require
-from alm_jax.errors import DataError
 from alm_jax.models import layers, tagging
-from alm_jax.models.audio_slots import AudioTokenSpec, num_audio_tokens
+from alm_jax.models.audio_slots import AudioTokenSpec
 from alm_jax.models.beats import BeatsConfig, BeatsEncoder
 from alm_jax.models.llm import LLM, LLMConfig, positions_from_mask
 from alm_jax.models.partitioning import constrain, per_shard
@@ -320,28 +318,10 @@ def splice_audio(
   embeddings [B, L, D], tokens [B, L]; audio [B, N, D] with audio_valid [B, N].
   The k-th placeholder of a row receives the row's k-th valid audio token: the
   splice is row-local (a vmap over rows), so a row sharded onto a device needs
-  nothing from other rows. Counts are checked on the host (`check_audio_slots`).
+  nothing from other rows. Counts are checked on the host (`batch_checks.check_audio_slots`).
   """
   splice = jax.vmap(_splice_row, in_axes=(0, 0, 0, 0, None))
   return splice(embeddings, tokens, audio.astype(embeddings.dtype), audio_valid, placeholder_id)
-
-
-def check_audio_slots(batch: Mapping[str, np.ndarray], spec: AudioTokenSpec, placeholder_id: int) -> None:
-  """Raises `DataError` unless every row's placeholder count equals what its clips give.
-
-  Runs on the host on numpy arrays; `example_id`s name the offending rows.
-  """
-  clip = np.asarray(batch["audio_clip"])
-  samples = np.asarray(batch["audio_samples"])
-  found = (np.asarray(batch["tokens"]) == placeholder_id).sum(-1)
-  ids = np.asarray(batch.get("example_id", np.full(len(found), -1)))
-  for row in range(len(found)):
-    expected = sum(num_audio_tokens(int(samples[row][clip[row] == c].sum()), spec)
-                   for c in np.unique(clip[row][clip[row] >= 0]))
-    if found[row] != expected:
-      raise DataError(
-          f"example {int(ids[row]) if row < len(ids) else -1} (batch row {row}): {int(found[row])} audio placeholder "
-          f"tokens but its clips give {expected} (tokenizer and model disagree on audio_slots)")
 
 
 class AudioLanguageModel(nnx.Module):

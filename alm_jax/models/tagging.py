@@ -9,9 +9,10 @@ reaches the encoders through one linear map, so they learn what a clip contains
 far faster than through a randomly initialised bridge and decoder; the LLM
 stages then start from encoders that already tell the sounds apart.
 
-Tagging batches hold one clip per example (`check_one_clip_per_example`): a
-row's windows all belong to its one clip, so pooling a row's windows pools its
-clip, with no lookup across rows.
+Tagging batches hold one clip per example (checked on the host by
+`alm_jax.data.batch_checks.check_one_clip_per_example`): a row's windows all
+belong to its one clip, so pooling a row's windows pools its clip, with no
+lookup across rows.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from alm_jax.errors import DataError
 from alm_jax.models import layers
 
 
@@ -90,16 +89,3 @@ def tagging_loss(logits: jax.Array, has_frames: jax.Array, batch: Mapping[str, j
       "tokens": batch["token_mask"].astype(jnp.float32).sum(),
   }
   return loss, metrics
-
-
-def check_one_clip_per_example(batch: Mapping[str, np.ndarray], placeholder_id: int) -> None:
-  """Host-side: raises `DataError` unless every row with audio holds exactly one clip (clip id 0 only)."""
-  clip = np.asarray(batch["audio_clip"])
-  rows = np.asarray(batch["tokens"] == placeholder_id).any(-1)
-  clips = np.asarray([np.unique(c[c >= 0]).size for c in clip])
-  bad = (clips != rows.astype(int)) | (clip.max(-1) > 0)
-  if bad.any():
-    ids = [int(i) for i, b in zip(np.asarray(batch.get("example_id", [])), bad) if b and i >= 0]
-    raise DataError(
-        f"batch of examples {ids[:8]}: {int(clips[bad].max())} clips in a row; the tagging objective "
-        "needs exactly one clip per example (select single-clip tasks with data.tasks)")

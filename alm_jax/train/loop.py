@@ -23,17 +23,18 @@ from tqdm import tqdm
 from alm_jax import distributed
 from alm_jax import sharding as sharding_lib
 from alm_jax.checkpoints import orbax as ckpt_lib
+from alm_jax.data.batch_checks import check_audio_slots, check_one_clip_per_example
 from alm_jax.data.pipeline import DataConfig, make_dataset, pad_batch
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import UserError
-from alm_jax.models.alm import ALMConfig, AudioLanguageModel, check_audio_slots
-from alm_jax.models.tagging import check_one_clip_per_example
+from alm_jax.models.alm import ALMConfig, AudioLanguageModel
 from alm_jax.params import Flat, ParamLayout
 from alm_jax.run_config import RunConfig
 from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.metrics import MetricsWriter, format_scalars
 from alm_jax.train.optimizer import abstract_opt_state, learning_rate_at, make_optimizer
+from alm_jax.train.preemption import install_preemption_handler
 from alm_jax.train.pretrained import load_pretrained_towers
 from alm_jax.train.step import jit_train_step, make_eval_step, model_config_for, stack_micro_batches
 
@@ -305,7 +306,7 @@ class Trainer:
     peak, peak_source = flops_lib.peak_flops(jax.local_devices(), train.peak_flops_per_device)
     self.say(f"MFU is measured per device against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     writer = MetricsWriter(self.workdir, enabled=self.main, resume_step=state.step + 1)
-    watcher = ckpt_lib.install_preemption_handler()
+    watcher = install_preemption_handler()
     window: dict[str, list[float]] = {}
     last: dict[str, float] = {}
     progress = tqdm(total=train.steps, initial=state.step, disable=self.quiet, desc=f"train[{train.stage}]",
