@@ -49,7 +49,7 @@ def main() -> None:
       max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=0,
   )
   ref = transformers.Qwen2ForCausalLM(hf_cfg).eval()
-  cfg = hf_llm.LLMConfig.from_hf(hf_cfg.to_dict())
+  cfg = hf_llm.llm_config_from_hf(hf_cfg.to_dict())
   model = hf_llm.import_hf(mapping.DictReader(ref.state_dict(), "torch state dict"), cfg)
   graphdef, state = nnx.split(model)
   del model

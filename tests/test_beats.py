@@ -251,19 +251,18 @@ def test_relative_position_buckets_match_reference():
 
 
 def test_config_from_official_cfg_and_validation():
-  config = beats.BeatsConfig.from_beats_cfg(dict(ITER3_CFG, encoder_layers=12, encoder_embed_dim=768,
-                                                 encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
-                                                 embed_dim=512))
+  config = beats_pt.from_beats_cfg(dict(ITER3_CFG, encoder_layers=12, encoder_embed_dim=768,
+                                        encoder_ffn_embed_dim=3072, encoder_attention_heads=12, embed_dim=512))
   assert config == beats.BeatsConfig()  # the dataclass defaults are the released iter3 shape
   assert config.deep_norm_alpha == pytest.approx(24**0.25)
   with pytest.raises(ConfigError, match="beats.layer_norm_first"):
-    beats.BeatsConfig.from_beats_cfg(dict(ITER3_CFG, layer_norm_first=True))
+    beats_pt.from_beats_cfg(dict(ITER3_CFG, layer_norm_first=True))
   with pytest.raises(ConfigError, match="beats.num_heads"):
     beats.BeatsConfig(width=48, num_heads=5, conv_pos_groups=4)
 
 
 def test_params_carry_logical_axes():
-  abstract = beats_pt.abstract_model(beats.BeatsConfig.from_beats_cfg(ITER3_CFG))
+  abstract = beats_pt.abstract_model(beats_pt.from_beats_cfg(ITER3_CFG))
   for path, leaf in mapping.flat_paths(abstract).items():
     axes = leaf.get_metadata()["out_sharding"]
     assert len(axes) == len(leaf.shape) and all(a is None or a in LOGICAL_AXES for a in axes), path

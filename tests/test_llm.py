@@ -203,7 +203,7 @@ def test_lora_changes_logits_and_merge_reproduces_them(pair):
   family, ref, _ = pair
   model = hf_llm.import_hf(
       hf_llm.mapping.DictReader(ref.state_dict(), "state dict"),
-      LLMConfig.from_hf(ref.config.to_dict()),
+      hf_llm.llm_config_from_hf(ref.config.to_dict()),
   )
   ids, mask = padded_batch([11, 6, 9], 11, seed=3)
   base, _ = forward(model, ids, mask=mask)
@@ -258,11 +258,11 @@ def test_config_validation_names_keys():
        "config.json:rope_parameters.rope_type"),
   ]:
     with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
-      LLMConfig.from_hf({**hf, key: value})
+      hf_llm.llm_config_from_hf({**hf, key: value})
   missing = dict(hf)
   del missing["vocab_size"]
   with pytest.raises(ConfigError, match="config.json:vocab_size: missing"):
-    LLMConfig.from_hf(missing)
+    hf_llm.llm_config_from_hf(missing)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -270,13 +270,13 @@ def test_config_round_trips_through_hf_dict(family):
   cls, kwargs = FAMILIES[family]
   sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": VOCAB}
   hf = cls(**{**sizes, **kwargs}).to_dict()
-  cfg = LLMConfig.from_hf(hf)
-  assert LLMConfig.from_hf(cfg.to_hf()) == cfg
+  cfg = hf_llm.llm_config_from_hf(hf)
+  assert hf_llm.llm_config_from_hf(hf_llm.llm_config_to_hf(cfg)) == cfg
   assert cfg.qk_norm == (family == "qwen3") and cfg.qkv_bias == (family == "qwen2")
   if family == "llama":
     assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_positions) == ("llama3", 8.0, 16)
   # Old-style keys (rope_theta / rope_scaling at top level, as most hub checkpoints have them) read the same.
   legacy = {k: v for k, v in hf.items() if k != "rope_parameters"}
   legacy["rope_theta"] = cfg.rope_theta
-  legacy["rope_scaling"] = cfg.to_hf()["rope_scaling"]
-  assert LLMConfig.from_hf(legacy) == cfg
+  legacy["rope_scaling"] = hf_llm.llm_config_to_hf(cfg)["rope_scaling"]
+  assert hf_llm.llm_config_from_hf(legacy) == cfg

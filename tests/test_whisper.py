@@ -318,7 +318,7 @@ def test_config_validation_names_the_key():
   with pytest.raises(ConfigError, match="config.model.whisper.heads"):
     from_dict(whisper.WhisperConfig, {"heads": 4}, "config.model.whisper")
   assert whisper.WhisperConfig.preset("large-v3").n_mels == 128
-  hf = whisper.WhisperConfig.from_hf({"model_type": "qwen2_audio", "audio_config": {
+  hf = ckpt.config_from_hf({"model_type": "qwen2_audio", "audio_config": {
       "model_type": "qwen2_audio_encoder", "num_mel_bins": 128, "d_model": 1280, "encoder_layers": 32,
       "encoder_attention_heads": 20, "encoder_ffn_dim": 5120}})
   assert hf.pool and hf.mask_padding and hf == whisper.WhisperConfig.preset("large-v3", pool=True,

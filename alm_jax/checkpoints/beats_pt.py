@@ -1,7 +1,8 @@
 """BEATs checkpoints in the official format: a `torch.save`d dict with `cfg` and `model`.
 
-`load_beats(path)` reads the config from `cfg`, builds the encoder abstractly
-and fills it from `model` through one declarative name map (both directions);
+`load_beats(path)` reads the config from `cfg` (`from_beats_cfg`; `to_beats_cfg`
+is the reverse), builds the encoder abstractly and fills it from `model`
+through one declarative name map (both directions);
 the shared relative-position table copies of layers ≥ 1 and the fine-tuned
 `predictor` head are ignored. Weight-norm tensors are accepted under the
 official names (`weight_g`, `weight_v`) and the newer parametrization names
@@ -20,9 +21,32 @@ from flax import nnx
 from alm_jax.checkpoints import mapping
 from alm_jax.checkpoints.mapping import CONV1D, CONV2D, LINEAR, LINEAR_IN2, RESHAPE, NameMap, Rule, Transform
 from alm_jax.checkpoints.whisper import fill_state, read_torch_checkpoint
-from alm_jax.config import ConfigError
+from alm_jax.config import ConfigError, from_dict, require
 from alm_jax.errors import CheckpointError
-from alm_jax.models.beats import OFFICIAL_ACTIVATIONS, BeatsConfig, BeatsEncoder
+from alm_jax.models.beats import BeatsConfig, BeatsEncoder
+
+# Official `BEATsConfig` defaults, used for keys a checkpoint's `cfg` leaves out.
+OFFICIAL_DEFAULTS: dict[str, Any] = dict(
+    input_patch_size=-1,
+    embed_dim=512,
+    conv_bias=False,
+    encoder_layers=12,
+    encoder_embed_dim=768,
+    encoder_ffn_embed_dim=3072,
+    encoder_attention_heads=12,
+    activation_fn="gelu",
+    layer_norm_first=False,
+    deep_norm=False,
+    conv_pos=128,
+    conv_pos_groups=16,
+    relative_position_embedding=False,
+    num_buckets=320,
+    max_distance=1280,
+    gru_rel_pos=False,
+)
+
+# Official activation names → `layers.activation` names.
+OFFICIAL_ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "relu": "relu", "tanh": "tanh"}
 
 # weight_norm's g is (1, 1, k) for dim=2; ours is (k,). grep_a is (1, H, 1, 1); ours (H,).
 WEIGHT_G = Transform("weight_norm_g", lambda x, shape: x.reshape(shape), lambda x: x.reshape(1, 1, -1))
@@ -125,13 +149,44 @@ def load_beats(path: str, *, trust_pickle: bool = False, **overrides: Any) -> tu
   cfg = checkpoint["cfg"]
   cfg = cfg if isinstance(cfg, Mapping) else getattr(cfg, "__dict__", cfg)
   try:
-    config = BeatsConfig.from_beats_cfg(cfg, **overrides)
+    config = from_beats_cfg(cfg, **overrides)
   except ConfigError as e:
     raise CheckpointError(f"{path}: {e}") from None
   graphdef_state = nnx.split(abstract_model(config))[1]
   targets = mapping.flat_paths(graphdef_state)
   arrays = mapping.import_params(targets, NAME_MAP, _AliasReader(checkpoint["model"], path))
   return config, fill_state(graphdef_state, arrays)
+
+
+def from_beats_cfg(cfg: Mapping[str, Any], **overrides: Any) -> BeatsConfig:
+  """Our `BeatsConfig` from an official checkpoint's `cfg` dict (missing keys take the official defaults).
+
+  Training-only keys (dropouts, layer drop, predictor) are ignored; a
+  pre-LN model (`layer_norm_first`) or a GLU feed-forward raises `ConfigError`.
+  """
+  c = {**OFFICIAL_DEFAULTS, **dict(cfg)}
+  require(not c["layer_norm_first"], "beats.layer_norm_first", "only post-LN BEATs (as released) is supported")
+  if c["activation_fn"] not in OFFICIAL_ACTIVATIONS:
+    raise ConfigError("beats.activation_fn", f"unsupported activation {c['activation_fn']!r}")
+  values = dict(
+      patch_size=c["input_patch_size"],
+      patch_dim=c["embed_dim"],
+      patch_bias=bool(c["conv_bias"]),
+      width=c["encoder_embed_dim"],
+      num_layers=c["encoder_layers"],
+      num_heads=c["encoder_attention_heads"],
+      ffn_dim=c["encoder_ffn_embed_dim"],
+      activation=OFFICIAL_ACTIVATIONS[c["activation_fn"]],
+      deep_norm=bool(c["deep_norm"]),
+      conv_pos=c["conv_pos"],
+      conv_pos_groups=c["conv_pos_groups"],
+      relative_position_embedding=bool(c["relative_position_embedding"]),
+      num_buckets=c["num_buckets"],
+      max_distance=c["max_distance"],
+      gru_rel_pos=bool(c["gru_rel_pos"]),
+  )
+  values.update(overrides)
+  return from_dict(BeatsConfig, values, "beats")
 
 
 def to_beats_cfg(config: BeatsConfig) -> dict[str, Any]:

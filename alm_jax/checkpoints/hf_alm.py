@@ -140,7 +140,7 @@ def whisper_config_from_hf(audio: Mapping[str, Any], family: Family, source: str
     if key in audio:
       values[key] = audio[key]
   try:
-    return WhisperConfig.from_hf({**values, "model_type": family.encoder_type})
+    return whisper_ckpt.config_from_hf({**values, "model_type": family.encoder_type})
   except ConfigError as e:
     raise _config_error(e, f"{source}:audio_config") from None
 
@@ -161,7 +161,7 @@ def alm_config_from_hf(config: Mapping[str, Any], family: str, *, source: str = 
     text = {**_QWEN2_DEFAULTS, "model_type": "qwen2", **text}
   overrides = {} if has_lm_head is None else {"tie_embeddings": not has_lm_head}
   try:
-    llm = LLMConfig.from_hf(text, source=f"{source}:text_config", **overrides)
+    llm = hf_llm.llm_config_from_hf(text, source=f"{source}:text_config", **overrides)
   except ConfigError as e:
     raise CheckpointError(str(e).removeprefix("config error: ")) from None
   token_id = config.get(fam.token_key, config.get("audio_token_id", config.get("audio_token_index")))
@@ -239,7 +239,7 @@ def alm_config_to_hf(cfg: ALMConfig, family: str, *, base: Mapping[str, Any] | N
            "activation_dropout": 0.0}
   audio.update(zip(fam.encoder_keys, (w.d_model, w.num_layers, w.num_heads, w.ffn_dim)))
   try:
-    text = cfg.llm.to_hf()
+    text = hf_llm.llm_config_to_hf(cfg.llm)
   except ConfigError as e:
     raise _config_error(e, source) from None
   text.pop("architectures", None)

@@ -1,10 +1,11 @@
 """Hugging Face Qwen2/Qwen2.5/Qwen3/Llama folders ↔ our `LLM`.
 
-Import reads `config.json` into an `LLMConfig`, builds the model abstractly
-(no random init of billions of weights) and streams the safetensors tensor by
-tensor through the family's name map, optionally placing each tensor on
-devices as it is read (`place`), so the host never holds more than one
-tensor in flight beside what was already placed.
+Import reads `config.json` into an `LLMConfig` (`llm_config_from_hf`, the
+one place that knows the HF keys; `llm_config_to_hf` is the reverse), builds
+the model abstractly (no random init of billions of weights) and streams the
+safetensors tensor by tensor through the family's name map, optionally placing
+each tensor on devices as it is read (`place`), so the host never holds more
+than one tensor in flight beside what was already placed.
 Export writes `config.json`, sharded safetensors with the index file, and
 copies tokenizer/generation files from the source folder; LoRA adapters are
 merged into the exported kernels, and `transformers.AutoModelForCausalLM`
@@ -18,7 +19,7 @@ import json
 import os
 import re
 import struct
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +39,7 @@ from alm_jax.checkpoints.safetensors_io import (
 from alm_jax.config import ConfigError
 from alm_jax.errors import CheckpointError
 from alm_jax.models import layers, lora
-from alm_jax.models.llm import LLM, LLMConfig
+from alm_jax.models.llm import LLM, ROPE_TYPES, LLMConfig
 
 Place = Callable[[str, np.ndarray], Any]
 
@@ -95,6 +96,179 @@ class WideningReader:
     return array.reshape(info["shape"])
 
 
+# ---------------------------------------------------------------------------
+# config.json ↔ LLMConfig.
+
+# Our family → the HF causal-LM class a config.json names.
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+# Our field → the HF key it is read from (to name the right key in errors).
+_HF_KEY = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+}
+
+
+def llm_config_from_hf(config: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> LLMConfig:
+  """Our `LLMConfig` from a Hugging Face `config.json` dict (old- or new-style RoPE keys).
+
+  Unsupported features (sliding windows, other activations or RoPE types)
+  raise `ConfigError` naming `source:key`. `overrides` set our own fields
+  (e.g. `remat`, `lora_rank`) that HF configs do not carry.
+  """
+
+  def key(name: str) -> str:
+    return f"{source}:{name}"
+
+  def get(name: str, default: Any = ConfigError, kind: type | tuple[type, ...] = (int,)) -> Any:
+    if name not in config or config[name] is None:
+      if default is ConfigError:
+        raise ConfigError(key(name), "missing")
+      return default
+    value = config[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+      raise ConfigError(key(name), f"expected {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+  family = config.get("model_type")
+  if family not in ARCHITECTURES:
+    raise ConfigError(key("model_type"), f"unsupported {family!r} (supported: {', '.join(ARCHITECTURES)})")
+  act = get("hidden_act", "silu", str)
+  if act not in ("silu", "swish"):
+    raise ConfigError(key("hidden_act"), f"only silu (SwiGLU) is supported, got {act!r}")
+  if get("use_sliding_window", False, bool):
+    raise ConfigError(key("use_sliding_window"), "sliding-window attention is not supported")
+  layer_types = config.get("layer_types") or []
+  if any(t != "full_attention" for t in layer_types):
+    raise ConfigError(key("layer_types"), f"only full_attention layers are supported, got {sorted(set(layer_types))}")
+
+  # RoPE: transformers 5 writes `rope_parameters` (theta inside), older files `rope_theta` + `rope_scaling`.
+  rope_key = "rope_parameters" if isinstance(config.get("rope_parameters"), Mapping) else "rope_scaling"
+  rope = dict(config.get(rope_key) or {})
+  theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ConfigError(key(f"{rope_key}.rope_type"), f"unsupported {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+  if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ConfigError(key(f"{rope_key}.partial_rotary_factor"), "partial rotary embeddings are not supported")
+  rope_fields: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+  if rope_type in ("linear", "llama3"):
+    if "factor" not in rope:
+      raise ConfigError(key(f"{rope_key}.factor"), "missing")
+    rope_fields["rope_factor"] = float(rope["factor"])
+  if rope_type == "llama3":
+    for ours, theirs in (
+        ("rope_low_freq_factor", "low_freq_factor"),
+        ("rope_high_freq_factor", "high_freq_factor"),
+        ("rope_original_max_positions", "original_max_position_embeddings"),
+    ):
+      if theirs not in rope:
+        raise ConfigError(key(f"{rope_key}.{theirs}"), "missing")
+      rope_fields[ours] = rope[theirs] if ours.endswith("positions") else float(rope[theirs])
+
+  heads = get("num_attention_heads")
+  attention_bias = get("attention_bias", False, bool)
+  switches = {
+      "qwen2": dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
+      "qwen3": dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True),
+      "llama": dict(
+          qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=get("mlp_bias", False, bool), qk_norm=False
+      ),
+  }[family]
+  eos = config.get("eos_token_id")
+  eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+  values = dict(
+      family=family,
+      vocab_size=get("vocab_size"),
+      hidden_size=get("hidden_size"),
+      intermediate_size=get("intermediate_size"),
+      num_layers=get("num_hidden_layers"),
+      num_heads=heads,
+      num_kv_heads=get("num_key_value_heads", heads),
+      head_dim=get("head_dim", 0),
+      max_position_embeddings=get("max_position_embeddings", 32768),
+      rms_norm_eps=get("rms_norm_eps", 1e-6, float),
+      tie_embeddings=get("tie_word_embeddings", False, bool),
+      bos_token_id=get("bos_token_id", None),
+      eos_token_ids=eos_ids,
+      pad_token_id=get("pad_token_id", None),
+      **switches,
+      **rope_fields,
+  )
+  values.update(overrides)
+  try:
+    return LLMConfig(**values)
+  except ConfigError as e:  # name the HF key the checked field came from
+    raise ConfigError(key(_HF_KEY.get(e.key.removeprefix("llm."), e.key)), str(e).split(": ", 2)[-1]) from None
+
+
+def llm_config_to_hf(cfg: LLMConfig) -> dict[str, Any]:
+  """The Hugging Face `config.json` dict for `cfg` (float32 weights)."""
+  out: dict[str, Any] = {
+      "architectures": [ARCHITECTURES[cfg.family]],
+      "model_type": cfg.family,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": None,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_dropout": 0.0,
+      "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else
+                       (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
+      "pad_token_id": cfg.pad_token_id,
+      "torch_dtype": "float32",
+      "dtype": "float32",
+      "use_cache": True,
+  }
+  if cfg.rope_type == "linear":
+    out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
+  elif cfg.rope_type == "llama3":
+    out["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": cfg.rope_factor,
+        "low_freq_factor": cfg.rope_low_freq_factor,
+        "high_freq_factor": cfg.rope_high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_positions,
+    }
+  if cfg.family == "qwen2":
+    if cfg.qkv_bias is not True or cfg.o_bias or cfg.mlp_bias or cfg.qk_norm:
+      raise ConfigError("llm.family", "qwen2 needs qkv_bias=True, o_bias=mlp_bias=qk_norm=False")
+    out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+  elif cfg.family == "qwen3":
+    if cfg.qkv_bias != cfg.o_bias or cfg.mlp_bias or not cfg.qk_norm:
+      raise ConfigError("llm.family", "qwen3 needs qk_norm=True, qkv_bias == o_bias, mlp_bias=False")
+    out.update(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None,
+               max_window_layers=cfg.num_layers)
+  else:
+    if cfg.qkv_bias != cfg.o_bias or cfg.qk_norm:
+      raise ConfigError("llm.family", "llama needs qkv_bias == o_bias and qk_norm=False")
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Name maps and tensors.
+
+
 def hf_name_map(cfg: LLMConfig) -> NameMap:
   """Our parameter paths ↔ `model.*` / `lm_head.weight` names of the HF causal-LM checkpoints."""
   attn, mlp = "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
@@ -125,7 +299,7 @@ def load_config(folder: str, **overrides: Any) -> LLMConfig:
   """`LLMConfig` from `folder/config.json`; bad or unsupported values raise `CheckpointError` naming the key."""
   path = os.path.join(folder, "config.json")
   try:
-    return LLMConfig.from_hf(read_json(path), source=path, **overrides)
+    return llm_config_from_hf(read_json(path), source=path, **overrides)
   except ConfigError as e:
     raise CheckpointError(str(e).removeprefix("config error: ")) from None
 
@@ -225,7 +399,7 @@ def export_hf(
       max_shard_bytes=max_shard_bytes,
   )
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(cfg.to_hf(), f, indent=2, sort_keys=True)
+    json.dump(llm_config_to_hf(cfg), f, indent=2, sort_keys=True)
   if src_dir is not None:
     copy_side_files(src_dir, folder, SIDE_FILES, skip=("config.json",))
   return names

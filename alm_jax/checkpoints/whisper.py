@@ -7,6 +7,8 @@ build the encoder abstractly (`nnx.eval_shape`), fill it tensor by tensor with
 `mapping.import_params` (so every missing, unexpected or mis-shaped tensor is
 reported in one `CheckpointError`), and return `(config, state)`;
 `whisper_model(config, state)` turns that into a ready `WhisperEncoder`.
+The checkpoint configs are read here too (`config_from_hf`,
+`config_from_openai_dims`; `config_to_hf` for export).
 """
 
 from __future__ import annotations
@@ -23,9 +25,77 @@ from flax import nnx
 from alm_jax.checkpoints import mapping
 from alm_jax.checkpoints.mapping import CONV1D, LINEAR, LINEAR_IN2, RESHAPE, NameMap, Rule
 from alm_jax.checkpoints.safetensors_io import SafetensorsReader, read_json, write_safetensors
-from alm_jax.config import ConfigError
+from alm_jax.config import ConfigError, from_dict
 from alm_jax.errors import CheckpointError
 from alm_jax.models.whisper import WhisperConfig, WhisperEncoder, sinusoids
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint configs (HF config.json, openai `dims`) ↔ WhisperConfig.
+
+# HF `model_type`s whose encoder pools and masks padding (Qwen2-Audio, Audio Flamingo 3).
+POOLED_MODEL_TYPES = ("qwen2_audio_encoder", "audioflamingo3_encoder")
+
+
+def config_from_hf(config: Mapping[str, Any], **overrides: Any) -> WhisperConfig:
+  """Our `WhisperConfig` from a HF `config.json` dict: Whisper, Qwen2-Audio(-encoder) or AF3(-encoder).
+
+  A composite config's `audio_config` is used; the Qwen2-Audio / AF3 encoder
+  types turn on `pool` and `mask_padding`. Missing keys take HF defaults.
+  """
+  c = config.get("audio_config") or config
+  pooled = c.get("model_type", "whisper") in POOLED_MODEL_TYPES
+  def first(*keys: str, default: Any) -> Any:  # Whisper names, then the newer generic ones (AF3)
+    return next((c[k] for k in keys if k in c), default)
+
+  values = dict(
+      n_mels=c.get("num_mel_bins", 80),
+      d_model=first("d_model", "hidden_size", default=384),
+      num_layers=first("encoder_layers", "num_hidden_layers", default=4),
+      num_heads=first("encoder_attention_heads", "num_attention_heads", default=6),
+      ffn_dim=first("encoder_ffn_dim", "intermediate_size", default=1536),
+      max_positions=c.get("max_source_positions", 1500),
+      activation=c.get("activation_function", "gelu"),
+      pool=pooled,
+      mask_padding=pooled,
+  )
+  values.update(overrides)
+  return from_dict(WhisperConfig, values, "whisper")
+
+
+def config_from_openai_dims(dims: Mapping[str, Any], **overrides: Any) -> WhisperConfig:
+  """Our `WhisperConfig` from an openai-whisper checkpoint's `dims` dict (FFN width is 4 × state)."""
+  try:
+    values = dict(
+        n_mels=dims["n_mels"],
+        d_model=dims["n_audio_state"],
+        num_layers=dims["n_audio_layer"],
+        num_heads=dims["n_audio_head"],
+        ffn_dim=4 * dims["n_audio_state"],
+        max_positions=dims["n_audio_ctx"],
+    )
+  except KeyError as e:
+    raise ConfigError(f"dims.{e.args[0]}", "missing from the openai-whisper checkpoint") from None
+  values.update(overrides)
+  return from_dict(WhisperConfig, values, "whisper")
+
+
+def config_to_hf(config: WhisperConfig) -> dict[str, Any]:
+  """The encoder fields of a HF `WhisperConfig` for `config` (for export)."""
+  return dict(
+      model_type="whisper",
+      num_mel_bins=config.n_mels,
+      d_model=config.d_model,
+      encoder_layers=config.num_layers,
+      encoder_attention_heads=config.num_heads,
+      encoder_ffn_dim=config.ffn_dim,
+      max_source_positions=config.max_positions,
+      activation_function=config.activation,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Name maps.
 
 
 def _layer_rules(attn: str, q: str, k: str, v: str, o: str, attn_ln: str, mlp_ln: str, fc1: str, fc2: str) -> list:
@@ -164,7 +234,7 @@ def load_whisper_hf(folder: str, *, prefix: str | None = None, **overrides: Any)
   and LLM tensors are ignored. Returns `(config, state)`.
   """
   try:
-    config = WhisperConfig.from_hf(read_json(os.path.join(folder, "config.json")), **overrides)
+    config = config_from_hf(read_json(os.path.join(folder, "config.json")), **overrides)
   except ConfigError as e:
     raise CheckpointError(f"{folder}/config.json: {e}") from None
   reader = SafetensorsReader(folder)
@@ -188,7 +258,7 @@ def export_whisper_hf(
   """
   flat = mapping.flat_paths(state)
   files = write_safetensors(folder, mapping.export_params(flat, name_map(prefix)), max_shard_bytes=max_shard_bytes)
-  hf = config.to_hf()
+  hf = config_to_hf(config)
   if config.pool and config.mask_padding:
     hf["model_type"] = "qwen2_audio_encoder"
   elif prefix == "model.encoder.":
@@ -228,7 +298,7 @@ def load_whisper_openai(path: str, *, trust_pickle: bool = False, **overrides: A
   if fc1 is not None and "ffn_dim" not in overrides:  # openai models use 4 x width; derived ones may not
     overrides["ffn_dim"] = int(fc1.shape[0])
   try:
-    config = WhisperConfig.from_openai_dims(dict(checkpoint["dims"]), **overrides)
+    config = config_from_openai_dims(dict(checkpoint["dims"]), **overrides)
   except ConfigError as e:
     raise CheckpointError(f"{path}: {e}") from None
   reader = mapping.DictReader(weights, path)

@@ -12,12 +12,13 @@ too short, too long, too many windows, no answer) is made here, so all
 processes agree on it. `load` decodes the clips, fits each decoded clip to
 exactly the measured length (a resampler can differ by a sample from the
 header arithmetic, a compressed header can be an estimate), applies the same
-crop/pad and cuts the windows, so the placeholder counts always match.
+crop/pad and cuts the windows (`cut_windows`, which generation uses too), so
+the placeholder counts always match.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -70,6 +71,23 @@ def load_clip(clip: Clip, sample_rate: int) -> np.ndarray:
     return audio_io.decode_audio_bytes(clip.data, name=clip.name, sample_rate=sample_rate, start=clip.start,
                                        end=clip.end)
   return audio_io.load_audio(clip.path, sample_rate=sample_rate, start=clip.start, end=clip.end)
+
+
+def cut_windows(pcms: Sequence[np.ndarray], order: Sequence[int], spec: AudioTokenSpec) -> dict[str, np.ndarray]:
+  """Cuts clips `pcms[k]` (k in `order`) into consecutive windows of `spec.window_samples` (`num_windows` per clip,
+  the last one short), as `collate` takes them: `pcm` back to back, `window_samples`, `window_clip` (rank in `order`).
+  """
+  pieces, window_samples, window_clip = [], [], []
+  size = spec.window_samples
+  for rank, k in enumerate(order):
+    pcm = pcms[k]
+    for w in range(num_windows(pcm.size, spec)):
+      piece = pcm[w * size : (w + 1) * size]
+      pieces.append(piece)
+      window_samples.append(piece.size)
+      window_clip.append(rank)
+  return {"pcm": np.concatenate(pieces).astype(np.float32, copy=False) if pieces else np.zeros(0, np.float32),
+          "window_samples": np.asarray(window_samples, np.int32), "window_clip": np.asarray(window_clip, np.int32)}
 
 
 class Prepare:
@@ -166,16 +184,5 @@ class Prepare:
       if final > kept:
         pcm = np.pad(pcm, (before, final - kept - before))
       pcms.append(pcm)
-    pieces, window_samples, window_clip = [], [], []
-    size = self.spec.window_samples
-    for rank, k in enumerate(meta["order"]):
-      pcm = pcms[k]
-      for w in range(num_windows(pcm.size, self.spec)):
-        piece = pcm[w * size : (w + 1) * size]
-        pieces.append(piece)
-        window_samples.append(piece.size)
-        window_clip.append(rank)
     return {"id": meta["id"], "tokens": meta["tokens"], "loss_mask": meta["loss_mask"],
-            "pcm": np.concatenate(pieces).astype(np.float32, copy=False),
-            "window_samples": np.asarray(window_samples, np.int32), "window_clip": np.asarray(window_clip, np.int32),
-            "clips": len(meta["order"])}
+            **cut_windows(pcms, meta["order"], self.spec), "clips": len(meta["order"])}

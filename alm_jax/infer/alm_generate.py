@@ -19,11 +19,12 @@ import numpy as np
 
 from alm_jax.checkpoints.bundle import ModelBundle
 from alm_jax.data.batch_checks import check_audio_slots
+from alm_jax.data.examples import cut_windows
 from alm_jax.data.pipeline import collate
 from alm_jax.errors import DataError
 from alm_jax.infer.generate import bucket_length, decode
 from alm_jax.infer.sampling import SamplingConfig
-from alm_jax.models.audio_slots import num_audio_tokens, num_windows
+from alm_jax.models.audio_slots import num_audio_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,25 +73,15 @@ class ALMGenerator:
     if len(prompts) > self.batch_size:
       raise ValueError(f"{len(prompts)} prompts exceed the batch size {self.batch_size}")
     examples = []
-    size = self.spec.window_samples
-    limit = self.spec.max_windows * size
+    limit = self.spec.max_windows * self.spec.window_samples
     for i, prompt in enumerate(prompts):
       pcms = [np.asarray(p, np.float32)[:limit] for p in prompt.audio]
       counts = [num_audio_tokens(p.size, self.spec) for p in pcms]
       segments = self.tokenizer.render(list(prompt.messages), counts, add_generation_prompt=True)
       tokens, loss_mask, _ = self.tokenizer.encode_segments(segments)
       order = [s.clip for s in segments if s.kind == "audio"]
-      pieces, samples, clip_ids = [], [], []
-      for rank, k in enumerate(order):
-        for w in range(num_windows(pcms[k].size, self.spec)):
-          piece = pcms[k][w * size : (w + 1) * size]
-          pieces.append(piece)
-          samples.append(piece.size)
-          clip_ids.append(rank)
       examples.append({"status": "ok", "pos": i, "id": i, "tokens": tokens, "loss_mask": loss_mask,
-                       "pcm": np.concatenate(pieces) if pieces else np.zeros(0, np.float32),
-                       "window_samples": np.asarray(samples, np.int32), "window_clip": np.asarray(clip_ids, np.int32),
-                       "clips": len(order)})
+                       **cut_windows(pcms, order, self.spec), "clips": len(order)})
     length = bucket_length(max(e["tokens"].size for e in examples), self.length_bucket)
     windows = max(len(e["window_samples"]) for e in examples)
     windows = 1 << max(0, windows - 1).bit_length()  # window slots per row: a power-of-two bucket

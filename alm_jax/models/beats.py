@@ -14,38 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alm_jax.config import ConfigError, from_dict, require
+from alm_jax.config import require
 from alm_jax.models import layers
 from alm_jax.models.partitioning import constrain
 
-# Official `BEATsConfig` defaults, used for keys a checkpoint's `cfg` leaves out.
-OFFICIAL_DEFAULTS: dict[str, Any] = dict(
-    input_patch_size=-1,
-    embed_dim=512,
-    conv_bias=False,
-    encoder_layers=12,
-    encoder_embed_dim=768,
-    encoder_ffn_embed_dim=3072,
-    encoder_attention_heads=12,
-    activation_fn="gelu",
-    layer_norm_first=False,
-    deep_norm=False,
-    conv_pos=128,
-    conv_pos_groups=16,
-    relative_position_embedding=False,
-    num_buckets=320,
-    max_distance=1280,
-    gru_rel_pos=False,
-)
-
-# Official activation names → `layers.activation` names.
-OFFICIAL_ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "relu": "relu", "tanh": "tanh"}
+# Feed-forward activations of the BEATs encoders (`layers.activation` names).
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +91,9 @@ class BeatsConfig:
     require(self.num_buckets >= 4, "beats.num_buckets", "must be >= 4")
     require(self.max_distance > self.num_buckets // 4, "beats.max_distance", "must exceed num_buckets / 4")
     require(
-        self.activation in OFFICIAL_ACTIVATIONS.values(),
+        self.activation in ACTIVATIONS,
         "beats.activation",
-        f"unknown activation {self.activation!r} (known: {', '.join(sorted(set(OFFICIAL_ACTIVATIONS.values())))})",
+        f"unknown activation {self.activation!r} (known: {', '.join(sorted(ACTIVATIONS))})",
     )
     require(
         self.remat in layers.REMAT_POLICIES,
@@ -134,37 +113,6 @@ class BeatsConfig:
   @property
   def deep_norm_alpha(self) -> float:
     return math.pow(2 * self.num_layers, 0.25) if self.deep_norm else 1.0
-
-  @classmethod
-  def from_beats_cfg(cls, cfg: Mapping[str, Any], **overrides: Any) -> "BeatsConfig":
-    """From an official checkpoint's `cfg` dict (missing keys take the official defaults).
-
-    Training-only keys (dropouts, layer drop, predictor) are ignored; a
-    pre-LN model (`layer_norm_first`) or a GLU feed-forward raises `ConfigError`.
-    """
-    c = {**OFFICIAL_DEFAULTS, **dict(cfg)}
-    require(not c["layer_norm_first"], "beats.layer_norm_first", "only post-LN BEATs (as released) is supported")
-    if c["activation_fn"] not in OFFICIAL_ACTIVATIONS:
-      raise ConfigError("beats.activation_fn", f"unsupported activation {c['activation_fn']!r}")
-    values = dict(
-        patch_size=c["input_patch_size"],
-        patch_dim=c["embed_dim"],
-        patch_bias=bool(c["conv_bias"]),
-        width=c["encoder_embed_dim"],
-        num_layers=c["encoder_layers"],
-        num_heads=c["encoder_attention_heads"],
-        ffn_dim=c["encoder_ffn_embed_dim"],
-        activation=OFFICIAL_ACTIVATIONS[c["activation_fn"]],
-        deep_norm=bool(c["deep_norm"]),
-        conv_pos=c["conv_pos"],
-        conv_pos_groups=c["conv_pos_groups"],
-        relative_position_embedding=bool(c["relative_position_embedding"]),
-        num_buckets=c["num_buckets"],
-        max_distance=c["max_distance"],
-        gru_rel_pos=bool(c["gru_rel_pos"]),
-    )
-    values.update(overrides)
-    return from_dict(cls, values, "beats")
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> jax.Array:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alm_jax.config import ConfigError, require
+from alm_jax.config import require
 from alm_jax.models import layers
 from alm_jax.models.partitioning import constrain
 
@@ -36,7 +36,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # A KV cache: {"layers": [{"k": [B, S, K, Dh], "v": [B, S, K, Dh]}, ...], "valid": [B, S] bool}.
 Cache = dict[str, Any]
 
-_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+FAMILIES = ("qwen2", "qwen3", "llama")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,9 @@ class LLMConfig:
   """Sizes and family switches of the decoder (defaults: Qwen2.5-0.5B).
 
   Attributes:
-    family: `qwen2` (also Qwen2.5), `qwen3` or `llama`; decides the Hugging
-      Face names and `to_hf()` output, the switches below decide the math.
+    family: `qwen2` (also Qwen2.5), `qwen3` or `llama`; names the released
+      family (checkpoint names and config translation live in
+      `alm_jax.checkpoints.hf_llm`), the switches below decide the math.
     head_dim: per-head width; 0 means `hidden_size // num_heads`.
     rope_type: `default`, `linear` (positions divided by `rope_factor`) or
       `llama3` (Llama 3.1 frequency-dependent scaling with the `rope_*` fields).
@@ -89,7 +90,7 @@ class LLMConfig:
   def __post_init__(self):
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
       require(getattr(self, key) > 0, f"llm.{key}", f"must be positive, got {getattr(self, key)}")
-    require(self.family in _ARCHITECTURES, "llm.family", f"must be one of {list(_ARCHITECTURES)}, got {self.family!r}")
+    require(self.family in FAMILIES, "llm.family", f"must be one of {list(FAMILIES)}, got {self.family!r}")
     require(
         self.num_heads % self.num_kv_heads == 0,
         "llm.num_kv_heads",
@@ -130,168 +131,6 @@ class LLMConfig:
   def kv_groups(self) -> int:
     """Query heads per key/value head (the GQA ratio)."""
     return self.num_heads // self.num_kv_heads
-
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> "LLMConfig":
-    """Builds the config from a Hugging Face `config.json` dict (old- or new-style RoPE keys).
-
-    Unsupported features (sliding windows, other activations or RoPE types)
-    raise `ConfigError` naming `source:key`. `overrides` set our own fields
-    (e.g. `remat`, `lora_rank`) that HF configs do not carry.
-    """
-
-    def key(name: str) -> str:
-      return f"{source}:{name}"
-
-    def get(name: str, default: Any = ConfigError, kind: type | tuple[type, ...] = (int,)) -> Any:
-      if name not in config or config[name] is None:
-        if default is ConfigError:
-          raise ConfigError(key(name), "missing")
-        return default
-      value = config[name]
-      kinds = kind if isinstance(kind, tuple) else (kind,)
-      if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-      if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
-        raise ConfigError(key(name), f"expected {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-      return value
-
-    family = config.get("model_type")
-    if family not in _ARCHITECTURES:
-      raise ConfigError(key("model_type"), f"unsupported {family!r} (supported: {', '.join(_ARCHITECTURES)})")
-    act = get("hidden_act", "silu", str)
-    if act not in ("silu", "swish"):
-      raise ConfigError(key("hidden_act"), f"only silu (SwiGLU) is supported, got {act!r}")
-    if get("use_sliding_window", False, bool):
-      raise ConfigError(key("use_sliding_window"), "sliding-window attention is not supported")
-    layer_types = config.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-      raise ConfigError(key("layer_types"), f"only full_attention layers are supported, got {sorted(set(layer_types))}")
-
-    # RoPE: transformers 5 writes `rope_parameters` (theta inside), older files `rope_theta` + `rope_scaling`.
-    rope_key = "rope_parameters" if isinstance(config.get("rope_parameters"), Mapping) else "rope_scaling"
-    rope = dict(config.get(rope_key) or {})
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-      raise ConfigError(key(f"{rope_key}.rope_type"), f"unsupported {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-      raise ConfigError(key(f"{rope_key}.partial_rotary_factor"), "partial rotary embeddings are not supported")
-    rope_fields: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
-    if rope_type in ("linear", "llama3"):
-      if "factor" not in rope:
-        raise ConfigError(key(f"{rope_key}.factor"), "missing")
-      rope_fields["rope_factor"] = float(rope["factor"])
-    if rope_type == "llama3":
-      for ours, theirs in (
-          ("rope_low_freq_factor", "low_freq_factor"),
-          ("rope_high_freq_factor", "high_freq_factor"),
-          ("rope_original_max_positions", "original_max_position_embeddings"),
-      ):
-        if theirs not in rope:
-          raise ConfigError(key(f"{rope_key}.{theirs}"), "missing")
-        rope_fields[ours] = rope[theirs] if ours.endswith("positions") else float(rope[theirs])
-
-    heads = get("num_attention_heads")
-    attention_bias = get("attention_bias", False, bool)
-    switches = {
-        "qwen2": dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
-        "qwen3": dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False, qk_norm=True),
-        "llama": dict(
-            qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=get("mlp_bias", False, bool), qk_norm=False
-        ),
-    }[family]
-    eos = config.get("eos_token_id")
-    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    values = dict(
-        family=family,
-        vocab_size=get("vocab_size"),
-        hidden_size=get("hidden_size"),
-        intermediate_size=get("intermediate_size"),
-        num_layers=get("num_hidden_layers"),
-        num_heads=heads,
-        num_kv_heads=get("num_key_value_heads", heads),
-        head_dim=get("head_dim", 0),
-        max_position_embeddings=get("max_position_embeddings", 32768),
-        rms_norm_eps=get("rms_norm_eps", 1e-6, float),
-        tie_embeddings=get("tie_word_embeddings", False, bool),
-        bos_token_id=get("bos_token_id", None),
-        eos_token_ids=eos_ids,
-        pad_token_id=get("pad_token_id", None),
-        **switches,
-        **rope_fields,
-    )
-    values.update(overrides)
-    try:
-      return cls(**values)
-    except ConfigError as e:  # name the HF key the checked field came from
-      raise ConfigError(key(_HF_KEY.get(e.key.removeprefix("llm."), e.key)), str(e).split(": ", 2)[-1]) from None
-
-  def to_hf(self) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict for this model (float32 weights)."""
-    out: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[self.family]],
-        "model_type": self.family,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": self.max_position_embeddings,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": self.tie_embeddings,
-        "attention_dropout": 0.0,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
-                         (self.eos_token_ids[0] if self.eos_token_ids else None)),
-        "pad_token_id": self.pad_token_id,
-        "torch_dtype": "float32",
-        "dtype": "float32",
-        "use_cache": True,
-    }
-    if self.rope_type == "linear":
-      out["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_factor}
-    elif self.rope_type == "llama3":
-      out["rope_scaling"] = {
-          "rope_type": "llama3",
-          "factor": self.rope_factor,
-          "low_freq_factor": self.rope_low_freq_factor,
-          "high_freq_factor": self.rope_high_freq_factor,
-          "original_max_position_embeddings": self.rope_original_max_positions,
-      }
-    if self.family == "qwen2":
-      if self.qkv_bias is not True or self.o_bias or self.mlp_bias or self.qk_norm:
-        raise ConfigError("llm.family", "qwen2 needs qkv_bias=True, o_bias=mlp_bias=qk_norm=False")
-      out.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
-    elif self.family == "qwen3":
-      if self.qkv_bias != self.o_bias or self.mlp_bias or not self.qk_norm:
-        raise ConfigError("llm.family", "qwen3 needs qk_norm=True, qkv_bias == o_bias, mlp_bias=False")
-      out.update(attention_bias=self.qkv_bias, use_sliding_window=False, sliding_window=None,
-                 max_window_layers=self.num_layers)
-    else:
-      if self.qkv_bias != self.o_bias or self.qk_norm:
-        raise ConfigError("llm.family", "llama needs qkv_bias == o_bias and qk_norm=False")
-      out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
-    return out
-
-
-# Our field → the HF key it is read from (to name the right key in errors).
-_HF_KEY = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "rope_theta": "rope_theta",
-    "rms_norm_eps": "rms_norm_eps",
-}
 
 
 # ---------------------------------------------------------------------------

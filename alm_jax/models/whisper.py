@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alm_jax.config import ConfigError, from_dict, require
+from alm_jax.config import from_dict, require
 from alm_jax.models import layers
 from alm_jax.models.partitioning import constrain, per_shard
 
@@ -33,9 +33,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "large-v2": dict(n_mels=80, d_model=1280, num_layers=32, num_heads=20, ffn_dim=5120),
     "large-v3": dict(n_mels=128, d_model=1280, num_layers=32, num_heads=20, ffn_dim=5120),
 }
-
-# HF `model_type`s whose encoder pools and masks padding (Qwen2-Audio, Audio Flamingo 3).
-POOLED_MODEL_TYPES = ("qwen2_audio_encoder", "audioflamingo3_encoder")
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh")
 
@@ -111,62 +108,6 @@ class WhisperConfig:
     """A released size by name (`tiny` ... `large-v3`), with optional overrides."""
     require(name in PRESETS, "whisper.preset", f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return from_dict(cls, {**PRESETS[name], **overrides}, "whisper")
-
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any], **overrides: Any) -> "WhisperConfig":
-    """From a HF `config.json` dict: Whisper, Qwen2-Audio(-encoder) or AF3(-encoder).
-
-    A composite config's `audio_config` is used; the Qwen2-Audio / AF3 encoder
-    types turn on `pool` and `mask_padding`. Missing keys take HF defaults.
-    """
-    c = config.get("audio_config") or config
-    pooled = c.get("model_type", "whisper") in POOLED_MODEL_TYPES
-    def first(*keys: str, default: Any) -> Any:  # Whisper names, then the newer generic ones (AF3)
-      return next((c[k] for k in keys if k in c), default)
-
-    values = dict(
-        n_mels=c.get("num_mel_bins", 80),
-        d_model=first("d_model", "hidden_size", default=384),
-        num_layers=first("encoder_layers", "num_hidden_layers", default=4),
-        num_heads=first("encoder_attention_heads", "num_attention_heads", default=6),
-        ffn_dim=first("encoder_ffn_dim", "intermediate_size", default=1536),
-        max_positions=c.get("max_source_positions", 1500),
-        activation=c.get("activation_function", "gelu"),
-        pool=pooled,
-        mask_padding=pooled,
-    )
-    values.update(overrides)
-    return from_dict(cls, values, "whisper")
-
-  @classmethod
-  def from_openai_dims(cls, dims: Mapping[str, Any], **overrides: Any) -> "WhisperConfig":
-    """From an openai-whisper checkpoint's `dims` dict (FFN width is 4 × state)."""
-    try:
-      values = dict(
-          n_mels=dims["n_mels"],
-          d_model=dims["n_audio_state"],
-          num_layers=dims["n_audio_layer"],
-          num_heads=dims["n_audio_head"],
-          ffn_dim=4 * dims["n_audio_state"],
-          max_positions=dims["n_audio_ctx"],
-      )
-    except KeyError as e:
-      raise ConfigError(f"dims.{e.args[0]}", "missing from the openai-whisper checkpoint") from None
-    values.update(overrides)
-    return from_dict(cls, values, "whisper")
-
-  def to_hf(self) -> dict[str, Any]:
-    """The encoder fields of a HF `WhisperConfig` (for export)."""
-    return dict(
-        model_type="whisper",
-        num_mel_bins=self.n_mels,
-        d_model=self.d_model,
-        encoder_layers=self.num_layers,
-        encoder_attention_heads=self.num_heads,
-        encoder_ffn_dim=self.ffn_dim,
-        max_source_positions=self.max_positions,
-        activation_function=self.activation,
-    )
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> jax.Array:
