@@ -205,14 +205,15 @@ class MemoryReport:
             ("temporaries", self.temporaries), ("generated code", self.generated_code), ("total", self.total)]
     if partial:
       rows = [rows[0], rows[2], ("total (at least)", self.total)]
-    lines = [f"  {name:<24}{_gib(v):>12}" for name, v in rows]
+    lines = [f"  {name:<24}{human_bytes(v):>12}" for name, v in rows]
     if self.hbm:
-      verdict = "fits" if self.fits else f"does NOT fit: needs {_gib(self.total)} of {_gib(self.hbm)}"
-      lines.append(f"  {'HBM per device':<24}{_gib(self.hbm):>12}   ({self.total / self.hbm:.1%} used: {verdict})")
+      verdict = "fits" if self.fits else f"does NOT fit: needs {human_bytes(self.total)} of {human_bytes(self.hbm)}"
+      used = f"{self.total / self.hbm:.1%} used: {verdict}"
+      lines.append(f"  {'HBM per device':<24}{human_bytes(self.hbm):>12}   ({used})")
     return "\n".join(lines)
 
 
-def _gib(n: int | float) -> str:
+def human_bytes(n: int | float) -> str:
   """Human-readable bytes: GiB from 1 GiB, MiB from 1 MiB, else KiB."""
   if n >= GIB:
     return f"{n / GIB:.2f} GiB"
@@ -449,19 +450,20 @@ class CompileReport:
                self.memory.format(partial=True)]
       if self.largest_buffers:
         lines.append("largest allocations (compiler):")
-        lines += [f"  {_gib(b['bytes']):>12}  {b['shape']}  {b['op_name'][:100]}" for b in self.largest_buffers[:8]]
+        lines += [f"  {human_bytes(b['bytes']):>12}  {b['shape']}  {b['op_name'][:100]}"
+                  for b in self.largest_buffers[:8]]
       return "\n".join(lines)
     lines = [f"compiled for {self.target}: {self.num_devices} devices, mesh {self.mesh_shape}, "
              f"in {self.compile_seconds:.1f} s", "per-device memory:", self.memory.format(),
              "collectives (ops in the program):"]
     for kind, stat in self.collectives.items():
-      lines.append(f"  {kind:<24}{stat.count:>6}   results {_gib(stat.result_bytes)}")
+      lines.append(f"  {kind:<24}{stat.count:>6}   results {human_bytes(stat.result_bytes)}")
     if self.traffic:
       lines.append("collective results by what they carry:")
       for kind, stat in self.traffic.items():
-        lines.append(f"  {kind:<24}{stat.count:>6}   results {_gib(stat.result_bytes)}")
+        lines.append(f"  {kind:<24}{stat.count:>6}   results {human_bytes(stat.result_bytes)}")
       for op in self.largest_activation_collectives:
-        lines.append(f"    {op['kind']} {op['shape']} ({_gib(op['bytes'])}) from {op['op_name'] or '?'}")
+        lines.append(f"    {op['kind']} {op['shape']} ({human_bytes(op['bytes'])}) from {op['op_name'] or '?'}")
     if self.flops:
       lines.append(f"flops per device per step: {self.flops:.3e} (XLA cost analysis; loop bodies counted once)")
     return "\n".join(lines)

@@ -311,6 +311,11 @@ def batch_shardings(
   )
 
 
+def batch_shard_count(mesh: Mesh, rules: Rules) -> int:
+  """How many devices a batch's rows are split over (the mesh axes the `batch` rule names)."""
+  return _axis_size(mesh, logical_to_spec(("batch",), rules)[0])
+
+
 def check_batch(batch: Any, shardings: Any, mesh: Mesh, key: str = "config.mesh.shape") -> None:
   """Raises `ConfigError` when a global batch dimension does not split over its mesh axes."""
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree.leaves(shardings)):

@@ -45,14 +45,7 @@ def main() -> int:
 
   config = WhisperConfig.preset(args.preset, attention_block=CPU_ATTENTION_BLOCK)  # the CPU choice
   torch.manual_seed(args.seed)
-  hf_config = transformers.WhisperConfig(
-      num_mel_bins=config.n_mels,
-      d_model=config.d_model,
-      encoder_layers=config.num_layers,
-      encoder_attention_heads=config.num_heads,
-      encoder_ffn_dim=config.ffn_dim,
-      max_source_positions=config.max_positions,
-  )
+  hf_config = transformers.WhisperConfig(**ckpt.config_to_hf(config))  # the exporter's field mapping
   reference = transformers.models.whisper.modeling_whisper.WhisperEncoder(hf_config).eval()
 
   # The same weights in our encoder, through the HF name map (encoder-only layout: no prefix).

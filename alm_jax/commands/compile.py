@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from typing import Any, Callable
 
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
   devices = aot.topology_devices(topology)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices=devices)
   rules = cfg.mesh.logical_rules
-  shards = batch_shards(mesh, rules)
+  shards = sharding_lib.batch_shard_count(mesh, rules)
   if args.batch_per_device is not None:
     require_positive(args.batch_per_device, "--batch-per-device")
     cfg = with_rows_per_device(cfg, args.batch_per_device, shards)
@@ -87,15 +86,6 @@ def run(args: argparse.Namespace) -> int:
   if report.fits is False:
     return _does_not_fit(report, f"{rows} rows per device do not fit")
   return 0
-
-
-def batch_shards(mesh, rules) -> int:
-  """How many devices the batch's rows are split over (the mesh axes the `batch` rule names)."""
-  from alm_jax.models.partitioning import logical_to_spec  # pylint: disable=import-outside-toplevel
-
-  entry = logical_to_spec(("batch",), rules)[0]
-  axes = (entry,) if isinstance(entry, str) else (entry or ())
-  return math.prod(mesh.shape[a] for a in axes)
 
 
 def require_positive(value: int, flag: str) -> None:
@@ -203,18 +193,20 @@ def scaling_estimate(stand_in, report, rows: int) -> dict:
 
 def format_stand_in(estimate: dict, rows: int) -> str:
   """What the 1-row stand-in shows: its memory, the growth per row, and its largest arrays."""
-  from alm_jax.aot import GIB, _gib  # pylint: disable=import-outside-toplevel
+  from alm_jax.aot import GIB, human_bytes  # pylint: disable=import-outside-toplevel
 
   lines = [f"stand-in at 1 row per device (the same program at 1/{rows} of the batch): total "
            f"{estimate['total'] / GIB:.2f} GiB (arguments {estimate['arguments'] / GIB:.2f} GiB, temporaries "
-           f"{estimate['temporaries'] / GIB:.2f} GiB), {'fits' if estimate['fits'] is not False else 'does NOT fit either'}",
+           f"{estimate['temporaries'] / GIB:.2f} GiB), "
+           f"{'fits' if estimate['fits'] is not False else 'does NOT fit either'}",
            f"  each further row per device adds ~{estimate['per_row'] / GIB:.2f} GiB"]
   if estimate["estimated_max_rows"]:
     lines.append(f"  estimated largest batch that fits: ~{estimate['estimated_max_rows']} rows per device "
                  "(--find-max-batch finds it exactly)")
   if estimate.get("largest_arrays"):
     lines.append("  largest arrays in the stand-in's program (per device; they grow with the rows):")
-    lines += [f"    {_gib(a['bytes']):>12}  {a['shape']}  {a['op_name'][:100]}" for a in estimate["largest_arrays"]]
+    lines += [f"    {human_bytes(a['bytes']):>12}  {a['shape']}  {a['op_name'][:100]}"
+              for a in estimate["largest_arrays"]]
   return "\n".join(lines)
 
 
