@@ -53,6 +53,17 @@ class ParamLayout:
   def paths(self) -> list[str]:
     return list(self.abstract)
 
+  def gathered_shapes(self) -> list[tuple[int, ...]]:
+    """Shapes a weight collective can carry: every parameter, plus one layer of each stacked one.
+
+    Inside a scan over stacked layers (leading logical axis `layers`) FSDP
+    gathers and gradient reductions move one layer's slice per iteration, so
+    `aot.parameter_sized_counts` must know those shapes too.
+    """
+    shapes = [tuple(a.shape) for a in self.abstract.values()]
+    shapes += [tuple(self.abstract[p].shape[1:]) for p, axes in self.axes.items() if axes[:1] == ("layers",)]
+    return shapes
+
   def model(self, flat: Mapping[str, jax.Array]) -> nnx.Module:
     """The module with these parameter values (use inside jit)."""
     missing = set(self._keys) - set(flat)

@@ -169,7 +169,7 @@ def run_case(case: StepCase, run: Mapping[str, Any], host_params: Mapping[str, n
   compiled = jitted.lower(trainable, frozen, opt_state, batch).compile()
   report = aot.analyse(compiled, mesh)
   split = aot.classify_collectives(aot.collective_ops(compiled.as_text()), aot.parameter_sized_counts(
-      [a.shape for a in layout.abstract.values()], mesh.shape))
+      layout.gathered_shapes(), mesh.shape))
   activation_collectives = [{"kind": op.kind, "arrays": op.arrays, "bytes": op.result_bytes, "op_name": op.op_name,
                              "integer": kind == aot.INDICES}
                             for kind in (aot.ACTIVATIONS, aot.INDICES) for op in split[kind]]

@@ -10,7 +10,7 @@ from flax import nnx
 from alm_jax.checkpoints import mapping
 from alm_jax.checkpoints.safetensors_io import SafetensorsReader, write_safetensors
 from alm_jax.errors import CheckpointError
-from alm_jax.models import layers
+from alm_jax.models import layers, stack
 
 
 class Block(nnx.Module):
@@ -22,8 +22,8 @@ class Block(nnx.Module):
 
 class Tower(nnx.Module):
 
-  def __init__(self, n, rngs):
-    self.layers = nnx.List([Block(rngs) for _ in range(n)])
+  def __init__(self, n, rngs, scan=False):
+    self.layers = stack.build(Block, n, rngs, scan=scan)
 
 
 NAMES = mapping.NameMap(
@@ -55,6 +55,32 @@ def test_export_import_round_trip_through_sharded_safetensors(tmp_path):
   loaded = mapping.import_params(flat, NAMES, reader)
   for path, leaf in flat.items():
     np.testing.assert_array_equal(loaded[path], np.asarray(leaf[...]))
+
+
+def test_stacked_layers_export_and_import_under_the_per_layer_names(tmp_path):
+  """A scanned tower (`layers/attn/q_proj/kernel` [N, ...]) writes and reads the same tensors, under the
+  same per-layer names, as the unrolled tower holding the same weights."""
+  unrolled = Tower(3, nnx.Rngs(0))
+  stacked_flat = mapping.flat_paths(Tower(3, nnx.Rngs(1), scan=True))
+  assert mapping.split_stacked("layers/attn/q_proj/kernel") == ("layers", "attn/q_proj/kernel")
+  assert mapping.split_stacked("layers/2/attn/q_proj/kernel") is None
+  view = mapping.layer_view(stacked_flat)
+  assert set(view) == set(mapping.flat_paths(unrolled))
+  assert view["layers/2/norm/bias"] == mapping.LayerEntry("layers/norm/bias", 2, (8,))
+  write_safetensors(str(tmp_path), mapping.export_params(mapping.flat_paths(unrolled), NAMES))
+  reader = SafetensorsReader(str(tmp_path))
+  placed = []
+  loaded = mapping.import_params(stacked_flat, NAMES, reader, place=lambda p, a: placed.append(p) or a)
+  assert sorted(placed) == sorted(stacked_flat)  # each stacked parameter placed once, all layers in
+  for path, entry in view.items():
+    np.testing.assert_array_equal(loaded[entry.path][entry.index], np.asarray(mapping.flat_paths(unrolled)[path][...]))
+  exported = dict(mapping.export_params(loaded, NAMES))
+  for name in reader.keys():
+    np.testing.assert_array_equal(exported[name], reader.get(name))
+  del exported["enc.1.q.weight"]
+  write_safetensors(str(tmp_path / "short"), iter(exported.items()))
+  with pytest.raises(CheckpointError, match=r"enc\.1\.q\.weight: missing from checkpoint \(needed for layers/1/attn/q_proj/kernel\)"):
+    mapping.import_params(stacked_flat, NAMES, SafetensorsReader(str(tmp_path / "short")))
 
 
 def test_mismatches_are_collected_and_named(tmp_path):

@@ -158,7 +158,7 @@ def shard(v):
   spec = partitioning.logical_to_spec(v.get_metadata()["out_sharding"], rules)
   return v.replace(jax.device_put(v.get_value(), NamedSharding(mesh, spec)))
 sharded = jax.tree.map(shard, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-assert sharded["layers"][0]["mlp"]["up_proj"]["kernel"].get_value().sharding.spec == PartitionSpec(None, "tensor")
+assert sharded["layers"]["mlp"]["up_proj"]["kernel"].get_value().sharding.spec == PartitionSpec(None, None, "tensor")
 ids = rng.integers(3, 96, (4, 9)).astype(np.int32)
 mask = np.ones((4, 9), bool)
 mask[1, :4] = False

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from alm_jax.models import layers
+from alm_jax.models import layers, stack
 
 
 def test_linear_multi_dim_matches_matmul():
@@ -66,16 +66,25 @@ def test_attention_matches_torch_sdpa(heads, kv_heads):
   np.testing.assert_allclose(out, want.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("policy", ["none", "full", "dots"])
-def test_remat_call_same_value_and_grad(policy):
-  mlp = layers.MLP(4, 8, rngs=nnx.Rngs(0))
+def test_layer_stack_same_value_and_grad_under_every_remat_policy_scanned_or_not(policy, scan):
+  mlps = stack.build(lambda r: layers.MLP(4, 8, rngs=r), 3, nnx.Rngs(0), scan=scan)
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
-  graphdef, state = nnx.split(mlp)
+  graphdef, state = nnx.split(mlps)
+  body = lambda mlp, h, _: (h + mlp(h), None)
+
+  def unrolled(state):  # the same three layers, called one by one
+    model, h = nnx.merge(graphdef, state), x
+    for i in range(3):
+      layer = nnx.merge(*nnx.split(jax.tree.map(lambda a: a[i], model) if scan else model[i]))
+      h = body(layer, h, None)[0]
+    return jnp.sum(h**2)
 
   def loss(state, policy):
-    return jnp.sum(layers.remat_call(nnx.merge(graphdef, state), policy, x) ** 2)
+    return jnp.sum(stack.run(nnx.merge(graphdef, state), body, x, remat=policy)[0] ** 2)
 
-  want_v, want_g = jax.value_and_grad(loss)(state, "none")
+  want_v, want_g = jax.value_and_grad(unrolled)(state)
   v, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, policy)
   np.testing.assert_allclose(v, want_v, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, want_g)

@@ -88,7 +88,7 @@ def test_sharded_bf16_checkpoint_streams_tensor_by_tensor(tmp_path):
   model = hf_llm.import_hf(str(tmp_path), place=place)
   paths = [p for p, _ in placed]
   assert len(paths) == len(set(paths)) == len(hf_llm.mapping.flat_paths(model))
-  assert ("layers/1/attn/k_proj/kernel", (64, 2, 16)) in placed
+  assert ("layers/attn/k_proj/kernel", (2, 64, 2, 16)) in placed  # both layers, stacked, placed once
   ids, mask = padded_batch([10, 4, 7], 10, seed=9)
   ours, _ = forward(model, ids, mask=mask)
   assert_logits_close(np.asarray(ours)[mask], torch_logits(ref, ids, mask)[mask])
@@ -135,6 +135,6 @@ def test_import_with_lora_and_remat_overrides(tmp_path):
   model = hf_llm.import_hf(str(tmp_path), lora_rank=4, lora_targets=("k", "gate"), remat="full")
   assert (model.cfg.lora_rank, model.cfg.remat) == (4, "full")
   adapters = [p for p in hf_llm.mapping.flat_paths(model) if "lora" in p]
-  assert len(adapters) == 2 * 2 * 2
-  assert not np.asarray(model.layers[1].mlp.gate_proj.lora_b[...]).any()
-  assert np.asarray(model.layers[1].mlp.gate_proj.lora_a[...]).std() > 0
+  assert len(adapters) == 2 * 2  # stacked over the two layers
+  assert not np.asarray(model.layers.mlp.gate_proj.lora_b[...][1]).any()
+  assert np.asarray(model.layers.mlp.gate_proj.lora_a[...][1]).std() > 0

@@ -325,12 +325,12 @@ def check_shapes(targets: Mapping[str, Any], names: NameMap, shapes: Mapping[str
   tensor of the right size cannot slip through.
   """
   problems = []
-  for path, leaf in targets.items():
+  for path, entry in mapping.layer_view(targets).items():
     mapped = names.theirs_for(path)
     if mapped is None or mapped[0] not in shapes:
       continue  # reported by import_params
     name, transform = mapped
-    want = tuple(jax.eval_shape(transform.to_theirs, jax.ShapeDtypeStruct(tuple(leaf.shape), np.float32)).shape)
+    want = tuple(jax.eval_shape(transform.to_theirs, jax.ShapeDtypeStruct(entry.shape, np.float32)).shape)
     filename, have = shapes[name]
     if have != want:
       problems.append(f"{filename}: tensor {name} has shape {have}, expected {want} (for {path})")

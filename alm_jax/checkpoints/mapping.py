@@ -7,6 +7,12 @@ indices. `import_params` walks our abstract parameter tree, reads each foreign
 tensor once (lazily, so a 7B checkpoint streams tensor by tensor), converts it,
 checks the shape, and raises a single `CheckpointError` listing every missing,
 unexpected or mis-shaped key. `export_params` runs the same rules backwards.
+
+Rules always name layers one by one (`layers/{i}/...`). A model with scanned
+layers holds them stacked (`layers/attn/q_proj/kernel` of shape `[N, ...]`,
+see `alm_jax.models.stack`); `layer_view` maps each stacked parameter to its N
+per-layer names, so import stacks the N tensors it reads and export yields one
+slice per layer, with the same rules for both forms of a model.
 """
 
 from __future__ import annotations
@@ -144,6 +150,45 @@ def flat_paths(state: nnx.State | Any) -> dict[str, Any]:
   return {"/".join(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(state)}
 
 
+STACKED_SEGMENT = "layers"  # `.../layers/<name>` (not `.../layers/<index>`) holds stacked layers
+
+
+def split_stacked(path: str) -> tuple[str, str] | None:
+  """(`head`, `tail`) around a stacked-layers segment, e.g. `llm/layers/attn/q_proj/kernel` →
+  (`llm/layers`, `attn/q_proj/kernel`); None for a path that is not stacked (`layers/3/...`)."""
+  parts = path.split("/")
+  for j in range(len(parts) - 1):
+    if parts[j] == STACKED_SEGMENT and not parts[j + 1].isdigit():
+      return "/".join(parts[: j + 1]), "/".join(parts[j + 1 :])
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerEntry:
+  """One per-layer name of a parameter: `path` in the model, its `index` on the stacked axis (None: not
+  stacked) and the shape of that one layer's tensor."""
+
+  path: str
+  index: int | None
+  shape: tuple[int, ...]
+
+
+def layer_view(targets: Mapping[str, Any]) -> dict[str, LayerEntry]:
+  """Our flat paths as checkpoint maps name them: each stacked `[N, ...]` parameter becomes N
+  `.../layers/{i}/...` entries of shape `[...]`; every other path maps to itself."""
+  view = {}
+  for path, leaf in targets.items():
+    shape = _shape_of(leaf)
+    split = split_stacked(path)
+    if split is None:
+      view[path] = LayerEntry(path, None, shape)
+      continue
+    head, tail = split
+    for i in range(shape[0]):
+      view[f"{head}/{i}/{tail}"] = LayerEntry(path, i, shape[1:])
+  return view
+
+
 class TensorReader(Protocol):
   """Random access to a checkpoint's tensors by name, one at a time."""
 
@@ -187,6 +232,35 @@ def foreign_shape(transform: Transform, ours: tuple[int, ...]) -> tuple[int, ...
     return None
 
 
+def _read_one(path: str, want: tuple[int, ...], name_map: NameMap, reader: TensorReader, available: set[str],
+              used: set[str], errors: list[str], allow_missing: Callable[[str], bool] | None) -> np.ndarray | None:
+  """One tensor of our (per-layer) `path`, converted to our layout; None after recording why not (or if
+  it may be missing)."""
+  mapped = name_map.theirs_for(path)
+  if mapped is None:
+    if not (allow_missing is not None and allow_missing(path)):
+      errors.append(f"{path}: no {name_map.family} name for this parameter")
+    return None
+  name, transform = mapped
+  if name not in available:
+    if not (allow_missing is not None and allow_missing(path)):
+      errors.append(f"{name}: missing from checkpoint (needed for {path})")
+    return None
+  used.add(name)
+  theirs = reader.get(name)
+  expected = foreign_shape(transform, want)
+  if expected is not None and tuple(theirs.shape) != expected:
+    errors.append(f"{name}: shape {tuple(theirs.shape)} does not fit {path} {want} (expected {expected})")
+    return None
+  array = transform.to_ours(theirs, want)
+  if tuple(array.shape) != want:
+    errors.append(f"{name}: shape {tuple(theirs.shape)} does not fit {path} {want}")
+    return None
+  if np.issubdtype(array.dtype, np.floating) or "float" in str(array.dtype):
+    array = np.asarray(array, dtype=np.float32)  # float16 and ml_dtypes' bfloat16 widen to our float32
+  return array
+
+
 def import_params(
     targets: Mapping[str, Any],
     name_map: NameMap,
@@ -202,40 +276,31 @@ def import_params(
   ShapeDtypeStructs, Variables or arrays). `place(path, array)` may move each
   array onto devices as soon as it is read (so host memory holds one tensor at
   a time); by default arrays are returned as float32 numpy. `allow_missing`
-  names our paths that may be absent (e.g. fresh LoRA adapters). All problems
-  are collected and raised together as one `CheckpointError`.
+  names our (per-layer) paths that may be absent (e.g. fresh LoRA adapters).
+  A stacked parameter is read layer by layer into one host buffer and placed
+  when its last layer is in (see `layer_view`). All problems are collected and
+  raised together as one `CheckpointError`.
   """
   errors: list[str] = []
   used: set[str] = set()
   out: dict[str, Any] = {}
+  stacks: dict[str, np.ndarray] = {}  # stacked parameters being filled layer by layer
+  failed: set[str] = set()
   available = set(reader.keys())
-  for path, leaf in targets.items():
-    mapped = name_map.theirs_for(path)
-    if mapped is None:
-      if allow_missing is not None and allow_missing(path):
-        continue
-      errors.append(f"{path}: no {name_map.family} name for this parameter")
+  for name_path, entry in layer_view(targets).items():
+    array = _read_one(name_path, entry.shape, name_map, reader, available, used, errors, allow_missing)
+    if array is None:
+      failed.add(entry.path)
       continue
-    name, transform = mapped
-    if name not in available:
-      if allow_missing is not None and allow_missing(path):
-        continue
-      errors.append(f"{name}: missing from checkpoint (needed for {path})")
+    if entry.index is None:
+      out[entry.path] = place(entry.path, array) if place is not None else array
       continue
-    used.add(name)
-    want = _shape_of(leaf)
-    theirs = reader.get(name)
-    expected = foreign_shape(transform, want)
-    if expected is not None and tuple(theirs.shape) != expected:
-      errors.append(f"{name}: shape {tuple(theirs.shape)} does not fit {path} {want} (expected {expected})")
-      continue
-    array = transform.to_ours(theirs, want)
-    if tuple(array.shape) != want:
-      errors.append(f"{name}: shape {tuple(theirs.shape)} does not fit {path} {want}")
-      continue
-    if np.issubdtype(array.dtype, np.floating) or "float" in str(array.dtype):
-      array = np.asarray(array, dtype=np.float32)  # float16 and ml_dtypes' bfloat16 widen to our float32
-    out[path] = place(path, array) if place is not None else array
+    full = _shape_of(targets[entry.path])
+    buffer = stacks.setdefault(entry.path, np.empty(full, array.dtype))
+    buffer[entry.index] = array
+    if entry.index == full[0] - 1 and entry.path not in failed:
+      out[entry.path] = place(entry.path, buffer) if place is not None else buffer
+      del stacks[entry.path]
   if strict_unused:
     for name in sorted(available - used):
       if not name_map.ignored(name):
@@ -247,11 +312,15 @@ def import_params(
 
 
 def export_params(flat: Mapping[str, Any], name_map: NameMap) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields `(foreign_name, array)` for every parameter, in our path order."""
-  for path, leaf in flat.items():
+  """Yields `(foreign_name, array)` for every parameter in our path order, a stacked one layer by layer."""
+  held_path, held = None, None  # the host copy of the parameter being written (a stacked one serves N names)
+  for path, entry in layer_view(flat).items():
     mapped = name_map.theirs_for(path)
     if mapped is None:
       raise CheckpointError(f"{path}: no {name_map.family} name for this parameter")
     name, transform = mapped
-    value = leaf.value if isinstance(leaf, nnx.Variable) else leaf
-    yield name, np.ascontiguousarray(transform.to_theirs(np.asarray(value)))
+    if entry.path != held_path:
+      leaf = flat[entry.path]
+      held_path, held = entry.path, np.asarray(leaf.value if isinstance(leaf, nnx.Variable) else leaf)
+    value = held if entry.index is None else held[entry.index]
+    yield name, np.ascontiguousarray(transform.to_theirs(value))

@@ -110,7 +110,7 @@ def compile_config(cfg, mesh, rules, topology):
   compiled, report = aot.compile_and_report(
       program.step_fn, program.args, in_shardings=program.in_shardings, out_shardings=program.out_shardings,
       mesh=mesh, rules=rules, donate_argnums=(0, 2), topology=topology,
-      parameter_shapes=[a.shape for a in program.layout.abstract.values()])
+      parameter_shapes=program.layout.gathered_shapes())
   return report, compiled, program
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alm_jax.config import require
-from alm_jax.models import layers
+from alm_jax.models import layers, stack
 from alm_jax.models.partitioning import constrain
 
 # Feed-forward activations of the BEATs encoders (`layers.activation` names).
@@ -50,6 +50,8 @@ class BeatsConfig:
     gru_rel_pos: gate the bias per layer from the query (`grep_linear`, `grep_a`).
     layer_norm_eps: epsilon of every LayerNorm.
     remat: rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
+    scan_layers: stack the layers and run them with a scan (`models/stack.py`);
+      False keeps a Python loop over `layers/{i}`.
   """
 
   n_mels: int = 128
@@ -70,6 +72,7 @@ class BeatsConfig:
   gru_rel_pos: bool = True
   layer_norm_eps: float = 1e-5
   remat: str = "none"
+  scan_layers: bool = True
 
   def __post_init__(self):
     require(self.patch_size > 0, "beats.patch_size", f"must be positive, got {self.patch_size}")
@@ -276,7 +279,8 @@ class BeatsEncoder(nnx.Module):
       )
     else:
       self.relative_attention_bias = None
-    self.layers = nnx.List([BeatsLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = stack.build(lambda r: BeatsLayer(config, rngs=r), config.num_layers, rngs,
+                              scan=config.scan_layers)
 
   def num_steps(self, fbank_frames: int) -> int:
     """Time steps Tp for `fbank_frames` input frames (187 for 30 s)."""
@@ -332,8 +336,8 @@ class BeatsEncoder(nnx.Module):
       buckets = relative_position_buckets(tokens, config.num_buckets, config.max_distance)
       position_bias = jnp.take(self.relative_attention_bias[...], buckets, axis=0).transpose(2, 0, 1)  # [H, T, S]
 
-    for layer in self.layers:
-      x = layers.remat_call(layer, config.remat, x, position_bias, attn_mask)
+    x, _ = stack.run(self.layers, lambda layer, x, _: (layer(x, position_bias, attn_mask), None), x,
+                     remat=config.remat)
     return x, valid
 
   def time_frames(self, tokens: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -115,14 +115,25 @@ class Linear(nnx.Module):
       self.lora_b = nnx.data(None)
 
   def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs | None) -> None:
-    """Adds zero-effect LoRA adapters (A random, B zero) of the given rank."""
+    """Adds zero-effect LoRA adapters (A random, B zero) of the given rank.
+
+    On a stacked layer (kernel `[N, *in, *out]`, see `models/stack.py`) each
+    layer gets its own adapter: both leaves carry the same leading axis.
+    """
     fan_in = math.prod(self.in_shape)
     a_init = nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+    lead, lead_axes = self._stacked_dims()
     self.lora_rank, self.lora_alpha = int(rank), float(alpha)
-    self.lora_a = param(rngs, a_init, self.in_shape + (rank,), self.in_axes + ("lora_rank",), kind=LoRAParam)
-    self.lora_b = param(
-        rngs, nnx.initializers.zeros, (rank,) + self.out_shape, ("lora_rank",) + self.out_axes, kind=LoRAParam
-    )
+    self.lora_a = param(rngs, a_init, lead + self.in_shape + (rank,), lead_axes + self.in_axes + ("lora_rank",),
+                        kind=LoRAParam)
+    self.lora_b = param(rngs, nnx.initializers.zeros, lead + (rank,) + self.out_shape,
+                        lead_axes + ("lora_rank",) + self.out_axes, kind=LoRAParam)
+
+  def _stacked_dims(self) -> tuple[tuple[int, ...], Axes]:
+    """Leading dimensions (and their axis names) the kernel has beyond `in + out`: () for one layer."""
+    extra = self.kernel.ndim - len(self.in_shape) - len(self.out_shape)
+    axes = self.kernel.get_metadata().get("out_sharding") or (None,) * self.kernel.ndim
+    return tuple(self.kernel.shape[:extra]), tuple(axes[:extra])
 
   @property
   def lora_scale(self) -> float:
@@ -135,12 +146,13 @@ class Linear(nnx.Module):
     return f"...{ins},{ins}{outs}->...{outs}", f"...{ins},{ins}r->...r", f"...r,r{outs}->...{outs}"
 
   def merged_kernel(self) -> jax.Array:
-    """The kernel with the LoRA update folded in (the kernel itself if no LoRA)."""
+    """The kernel with the LoRA update folded in (the kernel itself if no LoRA); stacked layers too."""
     if self.lora_a is None:
       return self.kernel[...]
-    a = self.lora_a[...].reshape(-1, self.lora_rank)
-    b = self.lora_b[...].reshape(self.lora_rank, -1)
-    delta = (a @ b).reshape(self.in_shape + self.out_shape) * self.lora_scale
+    lead, _ = self._stacked_dims()
+    a = self.lora_a[...].reshape(lead + (-1, self.lora_rank))
+    b = self.lora_b[...].reshape(lead + (self.lora_rank, -1))
+    delta = (a @ b).reshape(self.kernel.shape) * self.lora_scale
     return self.kernel[...] + delta.astype(self.kernel.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -316,20 +328,3 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
 
-
-def remat_call(layer: nnx.Module, policy: str, *args: jax.Array, **kwargs):
-  """Calls `layer(*args, **kwargs)` under `jax.checkpoint` with a named policy.
-
-  Used in every tower's layer loop so one config key (`remat`) trades compute
-  for activation memory; `none` calls the layer directly.
-  """
-  if policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {policy!r} (known: {', '.join(REMAT_POLICIES)})")
-  if policy == "none":
-    return layer(*args, **kwargs)
-  graphdef, state = nnx.split(layer)
-
-  def run(state, *args):
-    return nnx.merge(graphdef, state)(*args, **kwargs)
-
-  return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, *args)

@@ -8,10 +8,12 @@ and optionally a functional KV cache (an explicit pytree passed in and
 returned) for jitted generation (`alm_jax.infer.generate`).
 
 Parameter paths are stable, since training stages and checkpoint maps select
-by them: `embed`, `layers/{i}/attn/{q,k,v,o}_proj`, `layers/{i}/attn/{q,k}_norm`
-(Qwen3), `layers/{i}/mlp/{gate,up,down}_proj`,
-`layers/{i}/{input,post_attention}_norm`, `final_norm`, `lm_head` (absent when
-tied).
+by them: `embed`, `layers/attn/{q,k,v,o}_proj`, `layers/attn/{q,k}_norm`
+(Qwen3), `layers/mlp/{gate,up,down}_proj`, `layers/{input,post_attention}_norm`,
+`final_norm`, `lm_head` (absent when tied). The decoder layers are stacked on
+a leading `layers` axis and run by a scan (`models/stack.py`); with
+`scan_layers=False` they are a list and paths read `layers/{i}/...`, the names
+checkpoint maps use either way.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import numpy as np
 from flax import nnx
 
 from alm_jax.config import require
-from alm_jax.models import layers
+from alm_jax.models import layers, stack
 from alm_jax.models.partitioning import constrain
 
 Family = Literal["qwen2", "qwen3", "llama"]
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ROPE_TYPES = ("default", "linear", "llama3")
 
-# A KV cache: {"layers": [{"k": [B, S, K, Dh], "v": [B, S, K, Dh]}, ...], "valid": [B, S] bool}.
+# A KV cache: {"layers": {"k": [N, B, S, K, Dh], "v": ...}, "valid": [B, S] bool} for N scanned layers
+# ({"layers": [{"k": [B, S, K, Dh], "v": ...}, ...]} with one dict per layer when `scan_layers` is off).
 Cache = dict[str, Any]
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -54,6 +57,8 @@ class LLMConfig:
     qk_norm: Qwen3's per-head RMSNorm on queries and keys before RoPE.
     tie_embeddings: the output projection is the input embedding (no `lm_head`).
     remat: rematerialisation policy per decoder layer (`layers.REMAT_POLICIES`).
+    scan_layers: stack the layers and run them with a scan (one compiled body
+      for all layers; the pod-scale form); False keeps a Python loop.
     lora_rank / lora_alpha / lora_targets: LoRA adapters built with the model
       (rank 0 = none) on the named projections (q, k, v, o, gate, up, down).
   """
@@ -83,6 +88,7 @@ class LLMConfig:
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
   remat: str = "none"
+  scan_layers: bool = True
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
@@ -280,16 +286,19 @@ class DecoderLayer(nnx.Module):
 
 
 def init_cache(cfg: LLMConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
-  """An empty KV cache for `length` positions: per-layer k/v [B, S, K, Dh] zeros and `valid` [B, S] False."""
+  """An empty KV cache for `length` positions: k/v zeros for every layer and `valid` [B, S] False.
+
+  Stacked `[N, B, S, K, Dh]` for scanned layers, else one `[B, S, K, Dh]` pair per layer.
+  """
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-
-  def zeros() -> jax.Array:
-    return constrain(jnp.zeros(shape, dtype), ("batch", "kv_length", "kv_heads", "head_dim"))
-
-  return {
-      "layers": [{"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers)],
-      "valid": constrain(jnp.zeros((batch, length), jnp.bool_), ("batch", "kv_length")),
-  }
+  axes = ("batch", "kv_length", "kv_heads", "head_dim")
+  if cfg.scan_layers:
+    zeros = lambda: constrain(jnp.zeros((cfg.num_layers,) + shape, dtype), (stack.LAYERS_AXIS,) + axes)
+    per_layer = {"k": zeros(), "v": zeros()}
+  else:
+    zeros = lambda: constrain(jnp.zeros(shape, dtype), axes)
+    per_layer = [{"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers)]
+  return {"layers": per_layer, "valid": constrain(jnp.zeros((batch, length), jnp.bool_), ("batch", "kv_length"))}
 
 
 class LLM(nnx.Module):
@@ -299,7 +308,7 @@ class LLM(nnx.Module):
     self.cfg = cfg
     # `embed(tokens [B, L]) -> [B, L, D]` is the input embedding (the ALM splices audio into its output).
     self.embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = stack.build(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs, scan=cfg.scan_layers)
     self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
     if cfg.tie_embeddings:
       self.lm_head = None
@@ -354,8 +363,7 @@ class LLM(nnx.Module):
     if cache is None:
       causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
       attn_mask = causal[None, None] & mask[:, None, None, :]
-      kvs = [None] * len(self.layers)
-      new_cache = None
+      kvs = None
     else:
       if cache_index is None:
         raise ValueError("cache_index is required with a cache")
@@ -365,12 +373,12 @@ class LLM(nnx.Module):
       causal = slots[None, :] <= (cache_index + jnp.arange(length))[:, None]
       attn_mask = causal[None, None] & valid[:, None, None, :]
       kvs = cache["layers"]
-      new_cache = {"layers": [], "valid": valid}
 
-    for layer, kv in zip(self.layers, kvs):
-      x, new_kv = layers.remat_call(layer, self.cfg.remat, x, cos, sin, attn_mask, kv, cache_index)
-      if new_cache is not None:
-        new_cache["layers"].append(new_kv)
+    def body(layer: DecoderLayer, x: jax.Array, kv: dict[str, jax.Array] | None):
+      return layer(x, cos, sin, attn_mask, kv, cache_index)
+
+    x, new_kvs = stack.run(self.layers, body, x, remat=self.cfg.remat, per_layer=kvs)
+    new_cache = None if cache is None else {"layers": new_kvs, "valid": valid}
     x = self.final_norm(x)
     if return_hidden:
       return x, new_cache

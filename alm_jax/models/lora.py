@@ -31,8 +31,8 @@ PROJECTIONS = {
     "down": "mlp/down_proj",
 }
 
-# Path pattern of every adapter leaf (for training-stage masks that select by path).
-LORA_PATH_PATTERN = r"(^|/)layers/\d+/(attn/[qkvo]|mlp/(gate|up|down))_proj/lora_[ab]$"
+# Path pattern of every adapter leaf, stacked (`layers/attn/...`) or per layer (`layers/3/attn/...`).
+LORA_PATH_PATTERN = r"(^|/)layers(/\d+)?/(attn/[qkvo]|mlp/(gate|up|down))_proj/lora_[ab]$"
 
 
 def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
@@ -43,9 +43,10 @@ def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
 
 
 def target_linears(model: nnx.Module, targets: Sequence[str] = LORA_TARGETS) -> Iterator[tuple[str, layers.Linear]]:
-  """Yields `(path, Linear)` for every decoder projection named by `targets` (e.g. `layers/3/attn/q_proj`)."""
+  """Yields `(path, Linear)` for every decoder projection named by `targets` (`layers/attn/q_proj` when the
+  layers are stacked, one per layer `layers/3/attn/q_proj` when not)."""
   suffixes = tuple(PROJECTIONS[t] for t in _check_targets(targets))
-  pattern = re.compile(r"(^|/)layers/\d+/(" + "|".join(re.escape(s) for s in suffixes) + r")$")
+  pattern = re.compile(r"(^|/)layers(/\d+)?/(" + "|".join(re.escape(s) for s in suffixes) + r")$")
   for path, module in nnx.iter_modules(model):
     name = "/".join(str(p) for p in path)
     if isinstance(module, layers.Linear) and pattern.search(name):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alm_jax.config import require
-from alm_jax.models import layers
+from alm_jax.models import layers, stack
 from alm_jax.models.partitioning import constrain
 
 
@@ -149,8 +149,7 @@ class QFormerTransformer(nnx.Module):
     x = self.layernorm(queries)
     frames = frames.astype(x.dtype)
     mask = None if frame_valid is None else layers.padding_mask_2d(frame_valid.astype(bool))
-    for layer in self.layers:
-      x = layers.remat_call(layer, self.remat, x, frames, mask)
+    x, _ = stack.run(self.layers, lambda layer, x, _: (layer(x, frames, mask), None), x, remat=self.remat)
     return x
 
 

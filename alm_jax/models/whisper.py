@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from alm_jax.config import from_dict, require
-from alm_jax.models import layers
+from alm_jax.models import layers, stack
 from alm_jax.models.partitioning import constrain, per_shard
 
 # Encoder shapes of the released checkpoints (openai names); `WhisperConfig.preset(name)`.
@@ -57,6 +57,8 @@ class WhisperConfig:
       0 is one fused attention (TPU/GPU); per-head blocks of ~512 rows are about
       3x faster on CPU. Config, never guessed from the backend while tracing.
     remat: rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
+    scan_layers: stack the layers and run them with a scan (`models/stack.py`);
+      False keeps a Python loop over `layers/{i}`.
   """
 
   n_mels: int = 80
@@ -71,6 +73,7 @@ class WhisperConfig:
   layer_norm_eps: float = 1e-5
   attention_block: int = 0
   remat: str = "none"
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.attention_block is None:  # configs saved before the field was explicit: "auto" is gone
@@ -255,7 +258,8 @@ class WhisperEncoder(nnx.Module):
         rngs, lambda key, shape, dtype: sinusoids(*shape).astype(dtype), (config.max_positions, d),
         ("audio_frames", "embed"),
     )
-    self.layers = nnx.List([WhisperLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = stack.build(lambda r: WhisperLayer(config, rngs=r), config.num_layers, rngs,
+                              scan=config.scan_layers)
     self.layer_norm = layers.LayerNorm(d, eps=config.layer_norm_eps, rngs=rngs)
 
   def output_frames(self, mel_frames: int) -> int:
@@ -288,8 +292,7 @@ class WhisperEncoder(nnx.Module):
     valid = jnp.arange(frames)[None, :] < lengths[:, None]
     attn_mask = layers.padding_mask_2d(valid) if (config.mask_padding and mask is not None) else None
 
-    for layer in self.layers:
-      x = layers.remat_call(layer, config.remat, x, attn_mask)
+    x, _ = stack.run(self.layers, lambda layer, x, _: (layer(x, attn_mask), None), x, remat=config.remat)
 
     if config.pool:
       pooled = frames // 2

@@ -50,10 +50,11 @@ def load_pretrained_towers(cfg: PretrainedConfig, layout: ParamLayout, mesh: Mes
 
     if model_cfg.whisper is None or "whisper" not in model_cfg.encoders:
       raise CheckpointError(f"{cfg.whisper}: config.train.pretrained.whisper is set but the model has no Whisper")
+    form = {"scan_layers": model_cfg.whisper.scan_layers}  # stacked or per-layer paths, as the model holds them
     if cfg.whisper.endswith(".pt"):
-      loaded, state = whisper_ckpt.load_whisper_openai(cfg.whisper)
+      loaded, state = whisper_ckpt.load_whisper_openai(cfg.whisper, **form)
     else:
-      loaded, state = whisper_ckpt.load_whisper_hf(cfg.whisper)
+      loaded, state = whisper_ckpt.load_whisper_hf(cfg.whisper, **form)
     _check_compatible(loaded, model_cfg.whisper, ("n_mels", "d_model", "num_layers", "num_heads", "ffn_dim",
                                                   "max_positions"), cfg.whisper, "whisper")
     params.update(_place_state(state, "encoder/whisper/", layout, mesh, rules))
@@ -63,7 +64,7 @@ def load_pretrained_towers(cfg: PretrainedConfig, layout: ParamLayout, mesh: Mes
 
     if model_cfg.beats is None or "beats" not in model_cfg.encoders:
       raise CheckpointError(f"{cfg.beats}: config.train.pretrained.beats is set but the model has no BEATs")
-    loaded, state = beats_pt.load_beats(cfg.beats)
+    loaded, state = beats_pt.load_beats(cfg.beats, scan_layers=model_cfg.beats.scan_layers)
     _check_compatible(loaded, model_cfg.beats, ("n_mels", "patch_size", "patch_dim", "width", "num_layers",
                                                 "num_heads", "ffn_dim"), cfg.beats, "beats")
     params.update(_place_state(state, "encoder/beats/", layout, mesh, rules))
