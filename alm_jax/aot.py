@@ -269,6 +269,8 @@ class CollectiveOp:
   kind: str
   arrays: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, dims) of each result array, per device
   op_name: str = ""
+  computation: str = ""  # the HLO computation it is in (a loop body runs it once per iteration)
+  group_size: int = 0  # devices in each of its replica groups (0: every device, or not stated)
 
   @property
   def result_bytes(self) -> int:
@@ -280,6 +282,21 @@ def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
           for dtype, dims in _SHAPE.findall(shape_text) if dtype in _DTYPE_BYTES]
 
 
+def replica_group_size(line: str) -> int:
+  """Devices per replica group of one HLO collective, from any of the three forms XLA prints:
+  `{{0,1,2,3},{4,5,6,7}}`, the iota form `[2,4]<=[8]` and the mesh-axes form
+  `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}`; 0 when the groups are empty (every device) or absent."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes.get(name, 1) for name in re.findall(r"'([^']+)'", m.group(2)))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  return len([d for d in m.group(1).split(",") if d]) if m else 0
+
+
 def collective_ops(hlo_text: str) -> list[CollectiveOp]:
   """Every collective in optimised HLO text (`compiled.as_text()`), in program order.
 
@@ -287,10 +304,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
   holds operands then results (the results are kept), an all-reduce's holds its
   results. The TPU compiler's fused reduce-scatter (a fusion calling
   `%all-reduce-scatter...`) counts as one reduce-scatter, not as the all-reduce
-  inside it. Ops inside a loop body count once, however many iterations run.
+  inside it. Ops inside a loop body are listed once, however many iterations run;
+  each op names its computation, from which `roofline` multiplies by the trip counts.
   """
   ops = []
   computation = ""
+  fused_groups: dict[str, int] = {}  # replica group size of each fused reduce-scatter (callees are printed first)
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
@@ -301,9 +320,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
       continue
     shape, opcode = op.groups()
     kind = _OPCODES.get(opcode)
-    if opcode == "fusion" and re.search(r"calls=%?all-reduce-scatter", line):
-      kind = "reduce-scatter"
+    group_size = replica_group_size(line)
+    fused = re.search(r"calls=%?(all-reduce-scatter[\w.\-]*)", line) if opcode == "fusion" else None
+    if fused:
+      kind, group_size = "reduce-scatter", fused_groups.get(fused.group(1), 0)
     elif kind and computation.startswith("all-reduce-scatter"):
+      fused_groups[computation] = group_size
       kind = None  # counted at the fusion that calls this computation
     if not kind:
       continue
@@ -314,7 +336,7 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
     elif opcode.endswith("-start") and arrays:
       arrays = [max(arrays, key=lambda a: _DTYPE_BYTES[a[0]] * math.prod(a[1]))]
     name = re.search(r'op_name="([^"]*)"', line)
-    ops.append(CollectiveOp(kind, tuple(arrays), name.group(1) if name else ""))
+    ops.append(CollectiveOp(kind, tuple(arrays), name.group(1) if name else "", computation, group_size))
   return ops
 
 
