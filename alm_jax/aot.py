@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +36,9 @@ import numpy as np
 from alm_jax import oom
 from alm_jax.config import ConfigError
 from alm_jax.models.partitioning import Rules
+
+if TYPE_CHECKING:
+  from alm_jax.roofline import Roofline
 
 GB = 10**9
 GIB = 2**30
@@ -445,7 +448,7 @@ def entry_parameter_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-  """What `alm-jax compile` prints: target, mesh, per-device memory, collectives, cost."""
+  """What `alm-jax compile` prints: target, mesh, per-device memory, collectives, cost, roofline."""
 
   target: str
   num_devices: int
@@ -458,6 +461,7 @@ class CompileReport:
   largest_activation_collectives: list[dict] = dataclasses.field(default_factory=list)
   compiler_error: str = ""  # the compiler refused the program (out of memory): its message's first line
   largest_buffers: list[dict] = dataclasses.field(default_factory=list)  # as the compiler's message names them
+  roofline: Roofline | None = None  # FLOPs, HBM and collective bytes with loops counted, and the time they imply
 
   @property
   def fits(self) -> bool | None:
@@ -488,6 +492,8 @@ class CompileReport:
         lines.append(f"    {op['kind']} {op['shape']} ({human_bytes(op['bytes'])}) from {op['op_name'] or '?'}")
     if self.flops:
       lines.append(f"flops per device per step: {self.flops:.3e} (XLA cost analysis; loop bodies counted once)")
+    if self.roofline is not None:
+      lines.append(self.roofline.format())
     return "\n".join(lines)
 
   def to_dict(self) -> dict:
@@ -495,6 +501,7 @@ class CompileReport:
     d = dataclasses.asdict(self)
     d["memory"]["total"] = self.memory.total
     d["fits"] = self.fits
+    d["roofline"] = self.roofline.to_dict() if self.roofline is not None else None
     return d
 
 
@@ -539,9 +546,14 @@ def _shapes_text(arrays: Sequence[tuple[str, tuple[int, ...]]]) -> str:
 
 
 def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, seconds: float = 0.0,
-            parameter_shapes: Iterable[Sequence[int]] | None = None) -> CompileReport:
+            parameter_shapes: Iterable[Sequence[int]] | None = None, model_flops: float | None = None,
+            model_flops_source: str = "") -> CompileReport:
   """Builds a `CompileReport` from a compiled program; `parameter_shapes` (global) split collective
-  results into weights/gradients and activations."""
+  results into weights/gradients and activations; `model_flops` (per device) give the roofline's MFU.
+  The roofline has times where the devices are a TPU generation with published peaks, counts otherwise."""
+  # Imported here: `roofline` reads HLO text with this module's helpers.
+  from alm_jax import roofline  # pylint: disable=import-outside-toplevel
+
   devices = list(np.asarray(mesh.devices).flat)
   if hbm is None and devices:
     hbm = hbm_bytes(devices[0])
@@ -551,6 +563,7 @@ def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, 
   flops = float(cost["flops"]) if cost and "flops" in cost else None
   text = compiled.as_text()
   traffic, largest = ({}, []) if parameter_shapes is None else collective_traffic(text, parameter_shapes, mesh.shape)
+  peaks = roofline.chip_peaks(getattr(devices[0], "device_kind", "")) if devices else None
   return CompileReport(
       target=target or getattr(devices[0], "device_kind", "?"),
       num_devices=len(devices),
@@ -561,6 +574,7 @@ def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, 
       compile_seconds=seconds,
       traffic=traffic,
       largest_activation_collectives=largest,
+      roofline=roofline.analyse_hlo(text, len(devices), peaks, model_flops, model_flops_source, flops),
   )
 
 
@@ -575,6 +589,8 @@ def compile_and_report(
     donate_argnums: Sequence[int] = (),
     topology: Topology | None = None,
     parameter_shapes: Iterable[Sequence[int]] | None = None,
+    model_flops: float | None = None,
+    model_flops_source: str = "",
 ) -> tuple[Any, CompileReport]:
   """`compile_step` + `analyse`; returns `(compiled, report)`.
 
@@ -593,7 +609,7 @@ def compile_and_report(
       raise
     return None, out_of_memory_report(oom.parse(str(e)), args, mesh, target, hbm, time.perf_counter() - start)
   seconds = time.perf_counter() - start
-  return compiled, analyse(compiled, mesh, target, hbm, seconds, parameter_shapes)
+  return compiled, analyse(compiled, mesh, target, hbm, seconds, parameter_shapes, model_flops, model_flops_source)
 
 
 def sharded_bytes(tree: Any) -> int:

@@ -166,6 +166,19 @@ def test_chip_peaks_by_topology_or_device_kind(name, generation):
     assert peaks.flops_per_s > 1e14 and peaks.hbm_bytes_per_s > 5e11 and peaks.ici_bytes_per_s > 1e11
 
 
+def test_compile_report_carries_the_roofline():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  compiled = compile_cpu(*scanned_stack(5))
+  report = aot.analyse(compiled, mesh, "cpu:1", model_flops=1e9, model_flops_source="given")
+  assert report.roofline.flops == 5 * LAYER_FLOPS and report.roofline.peaks is None
+  text = report.format()
+  assert "flops per device per step" in text and "roofline per device per step (1 loop, trip counts 5)" in text
+  d = report.to_dict()
+  assert {"target", "memory", "collectives", "flops", "traffic", "fits"} <= set(d)
+  assert d["roofline"]["flops"] == 5 * LAYER_FLOPS and d["roofline"]["loops"][0]["trip_count"] == 5
+  json.dumps(d, default=str)
+
+
 # ----------------------------------------------------------------------------
 # In a subprocess: 8 CPU devices, or libtpu's v5p description (each needs a fresh JAX).
 
@@ -198,9 +211,9 @@ def tpu_scanned_stack() -> dict:
   loss = lambda ws, x: (step(ws, x).astype(jnp.float32) ** 2).sum()
   x = jax.ShapeDtypeStruct((4 * B, D), jnp.bfloat16, sharding=NamedSharding(mesh, P("data", None)))
   ws = jax.ShapeDtypeStruct(ws.shape, ws.dtype, sharding=NamedSharding(mesh, P()))
-  compiled = jax.jit(jax.grad(loss), out_shardings=ws.sharding).lower(ws, x).compile()
-  r = roofline.roofline(compiled, num_devices=4, peaks=roofline.chip_peaks(mesh.devices.flat[0].device_kind))
-  return {"layers": layers, "roofline": r.to_dict(), "text": r.format()}
+  _, report = aot.compile_and_report(jax.grad(loss), (ws, x), in_shardings=(ws.sharding, x.sharding),
+                                     out_shardings=ws.sharding, mesh=mesh, rules=(), topology=topology)
+  return {"layers": layers, "roofline": report.roofline.to_dict(), "text": report.format()}
 
 
 def run_here(mode: str, **env) -> dict:
