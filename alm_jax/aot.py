@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +36,9 @@ import numpy as np
 from alm_jax import oom
 from alm_jax.config import ConfigError
 from alm_jax.models.partitioning import Rules
+
+if TYPE_CHECKING:
+  from alm_jax.roofline import Roofline
 
 GB = 10**9
 GIB = 2**30
@@ -269,6 +272,8 @@ class CollectiveOp:
   kind: str
   arrays: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, dims) of each result array, per device
   op_name: str = ""
+  computation: str = ""  # the HLO computation it is in (a loop body runs it once per iteration)
+  group_size: int = 0  # devices in each of its replica groups (0: every device, or not stated)
 
   @property
   def result_bytes(self) -> int:
@@ -280,6 +285,21 @@ def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
           for dtype, dims in _SHAPE.findall(shape_text) if dtype in _DTYPE_BYTES]
 
 
+def replica_group_size(line: str) -> int:
+  """Devices per replica group of one HLO collective, from any of the three forms XLA prints:
+  `{{0,1,2,3},{4,5,6,7}}`, the iota form `[2,4]<=[8]` and the mesh-axes form
+  `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}`; 0 when the groups are empty (every device) or absent."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes.get(name, 1) for name in re.findall(r"'([^']+)'", m.group(2)))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  return len([d for d in m.group(1).split(",") if d]) if m else 0
+
+
 def collective_ops(hlo_text: str) -> list[CollectiveOp]:
   """Every collective in optimised HLO text (`compiled.as_text()`), in program order.
 
@@ -287,10 +307,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
   holds operands then results (the results are kept), an all-reduce's holds its
   results. The TPU compiler's fused reduce-scatter (a fusion calling
   `%all-reduce-scatter...`) counts as one reduce-scatter, not as the all-reduce
-  inside it. Ops inside a loop body count once, however many iterations run.
+  inside it. Ops inside a loop body are listed once, however many iterations run;
+  each op names its computation, from which `roofline` multiplies by the trip counts.
   """
   ops = []
   computation = ""
+  fused_groups: dict[str, int] = {}  # replica group size of each fused reduce-scatter (callees are printed first)
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
@@ -301,9 +323,12 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
       continue
     shape, opcode = op.groups()
     kind = _OPCODES.get(opcode)
-    if opcode == "fusion" and re.search(r"calls=%?all-reduce-scatter", line):
-      kind = "reduce-scatter"
+    group_size = replica_group_size(line)
+    fused = re.search(r"calls=%?(all-reduce-scatter[\w.\-]*)", line) if opcode == "fusion" else None
+    if fused:
+      kind, group_size = "reduce-scatter", fused_groups.get(fused.group(1), 0)
     elif kind and computation.startswith("all-reduce-scatter"):
+      fused_groups[computation] = group_size
       kind = None  # counted at the fusion that calls this computation
     if not kind:
       continue
@@ -314,7 +339,7 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
     elif opcode.endswith("-start") and arrays:
       arrays = [max(arrays, key=lambda a: _DTYPE_BYTES[a[0]] * math.prod(a[1]))]
     name = re.search(r'op_name="([^"]*)"', line)
-    ops.append(CollectiveOp(kind, tuple(arrays), name.group(1) if name else ""))
+    ops.append(CollectiveOp(kind, tuple(arrays), name.group(1) if name else "", computation, group_size))
   return ops
 
 
@@ -423,7 +448,7 @@ def entry_parameter_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-  """What `alm-jax compile` prints: target, mesh, per-device memory, collectives, cost."""
+  """What `alm-jax compile` prints: target, mesh, per-device memory, collectives, cost, roofline."""
 
   target: str
   num_devices: int
@@ -436,6 +461,7 @@ class CompileReport:
   largest_activation_collectives: list[dict] = dataclasses.field(default_factory=list)
   compiler_error: str = ""  # the compiler refused the program (out of memory): its message's first line
   largest_buffers: list[dict] = dataclasses.field(default_factory=list)  # as the compiler's message names them
+  roofline: Roofline | None = None  # FLOPs, HBM and collective bytes with loops counted, and the time they imply
 
   @property
   def fits(self) -> bool | None:
@@ -466,6 +492,8 @@ class CompileReport:
         lines.append(f"    {op['kind']} {op['shape']} ({human_bytes(op['bytes'])}) from {op['op_name'] or '?'}")
     if self.flops:
       lines.append(f"flops per device per step: {self.flops:.3e} (XLA cost analysis; loop bodies counted once)")
+    if self.roofline is not None:
+      lines.append(self.roofline.format())
     return "\n".join(lines)
 
   def to_dict(self) -> dict:
@@ -473,6 +501,7 @@ class CompileReport:
     d = dataclasses.asdict(self)
     d["memory"]["total"] = self.memory.total
     d["fits"] = self.fits
+    d["roofline"] = self.roofline.to_dict() if self.roofline is not None else None
     return d
 
 
@@ -517,9 +546,14 @@ def _shapes_text(arrays: Sequence[tuple[str, tuple[int, ...]]]) -> str:
 
 
 def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, seconds: float = 0.0,
-            parameter_shapes: Iterable[Sequence[int]] | None = None) -> CompileReport:
+            parameter_shapes: Iterable[Sequence[int]] | None = None, model_flops: float | None = None,
+            model_flops_source: str = "") -> CompileReport:
   """Builds a `CompileReport` from a compiled program; `parameter_shapes` (global) split collective
-  results into weights/gradients and activations."""
+  results into weights/gradients and activations; `model_flops` (per device) give the roofline's MFU.
+  The roofline has times where the devices are a TPU generation with published peaks, counts otherwise."""
+  # Imported here: `roofline` reads HLO text with this module's helpers.
+  from alm_jax import roofline  # pylint: disable=import-outside-toplevel
+
   devices = list(np.asarray(mesh.devices).flat)
   if hbm is None and devices:
     hbm = hbm_bytes(devices[0])
@@ -529,6 +563,7 @@ def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, 
   flops = float(cost["flops"]) if cost and "flops" in cost else None
   text = compiled.as_text()
   traffic, largest = ({}, []) if parameter_shapes is None else collective_traffic(text, parameter_shapes, mesh.shape)
+  peaks = roofline.chip_peaks(getattr(devices[0], "device_kind", "")) if devices else None
   return CompileReport(
       target=target or getattr(devices[0], "device_kind", "?"),
       num_devices=len(devices),
@@ -539,6 +574,7 @@ def analyse(compiled: Any, mesh: Any, target: str = "", hbm: int | None = None, 
       compile_seconds=seconds,
       traffic=traffic,
       largest_activation_collectives=largest,
+      roofline=roofline.analyse_hlo(text, len(devices), peaks, model_flops, model_flops_source, flops),
   )
 
 
@@ -553,6 +589,8 @@ def compile_and_report(
     donate_argnums: Sequence[int] = (),
     topology: Topology | None = None,
     parameter_shapes: Iterable[Sequence[int]] | None = None,
+    model_flops: float | None = None,
+    model_flops_source: str = "",
 ) -> tuple[Any, CompileReport]:
   """`compile_step` + `analyse`; returns `(compiled, report)`.
 
@@ -571,7 +609,7 @@ def compile_and_report(
       raise
     return None, out_of_memory_report(oom.parse(str(e)), args, mesh, target, hbm, time.perf_counter() - start)
   seconds = time.perf_counter() - start
-  return compiled, analyse(compiled, mesh, target, hbm, seconds, parameter_shapes)
+  return compiled, analyse(compiled, mesh, target, hbm, seconds, parameter_shapes, model_flops, model_flops_source)
 
 
 def sharded_bytes(tree: Any) -> int:

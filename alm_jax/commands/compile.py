@@ -1,5 +1,6 @@
 """`alm-jax compile --config C --topology v5p:4x4x4`: compile the real train step ahead of time for a
-device topology (no such devices needed) and print per-device memory and collectives.
+device topology (no such devices needed) and print per-device memory, collectives and a roofline estimate
+of the step's time (`alm_jax.roofline`).
 
 A program that does not fit (the compiler runs out of device memory, or the total exceeds `--hbm-gib`)
 is a report like any other, with what is known of its memory and a 1-row-per-device stand-in showing
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import Any, Callable
 
@@ -110,8 +112,21 @@ def compile_config(cfg, mesh, rules, topology):
   compiled, report = aot.compile_and_report(
       program.step_fn, program.args, in_shardings=program.in_shardings, out_shardings=program.out_shardings,
       mesh=mesh, rules=rules, donate_argnums=(0, 2), topology=topology,
-      parameter_shapes=program.layout.gathered_shapes())
+      parameter_shapes=program.layout.gathered_shapes(),
+      model_flops=model_flops(program, mesh.size), model_flops_source="6·N·tokens, N = all parameters")
   return report, compiled, program
+
+
+def model_flops(program, num_devices: int) -> float | None:
+  """6·N·tokens per device for one step of `program` (N: every parameter, trainable or not; tokens: the
+  batch's text positions, micro-batches included): the usual MFU convention, not the step's exact work."""
+  from alm_jax.roofline import model_flops_per_device  # pylint: disable=import-outside-toplevel
+
+  tokens = program.args[3].get("tokens")
+  if tokens is None:
+    return None
+  parameters = sum(a.size for a in program.layout.abstract.values())
+  return model_flops_per_device(parameters, math.prod(tokens.shape), num_devices)
 
 
 def find_max_rows(compile_rows: Callable[[int], tuple[Any, Any]], start: int = 1, limit: int = 1 << 20
