@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alm_jax.models.attention import xla_attention
 from alm_jax.models.partitioning import constrain
 
 Axes = tuple[str | None, ...]
@@ -225,14 +226,6 @@ class MLP(nnx.Module):
     return self.fc2(h)
 
 
-def _split_heads_of(x: jax.Array, kv_heads: int, groups: int) -> jax.Array:
-  """[..., H|1, T, S] → [..., K|1, G|1, T, S] for grouped-query broadcasting."""
-  h = x.shape[-3]
-  if h == 1:
-    return x[..., None, :, :]
-  return x.reshape(x.shape[:-3] + (kv_heads, groups) + x.shape[-2:])
-
-
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -242,31 +235,14 @@ def dot_product_attention(
     bias: jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
-  """Softmax attention with grouped-query support, in float32 logits.
+  """Softmax attention with grouped-query support in float32 logits: `attention.xla_attention`, kept for callers.
 
   Shapes: q [B, T, H, D], k/v [B, S, K, D] with H a multiple of K. `mask` is
   boolean (True = attend) and `bias` additive, each broadcastable to
-  [B, H, T, S]. Fully masked rows give a uniform average (as PyTorch's additive
-  `finfo.min` mask does); callers zero padded outputs where it matters.
+  [B, H, T, S]. Fully masked rows give a uniform average. New code calls
+  `attention.attention` with the implementation its config names.
   """
-  batch, t, heads, dim = q.shape
-  kv_heads = k.shape[2]
-  if heads % kv_heads:
-    raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
-  groups = heads // kv_heads
-  scale = dim**-0.5 if scale is None else scale
-  qg = q.reshape(batch, t, kv_heads, groups, dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    bias = jnp.asarray(bias, jnp.float32)
-    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    logits = logits + _split_heads_of(bias, kv_heads, groups)
-  if mask is not None:
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    logits = jnp.where(_split_heads_of(mask, kv_heads, groups), logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(batch, t, heads, dim)
+  return xla_attention(q, k, v, mask=mask, bias=bias, scale=scale)
 
 
 class MultiHeadAttention(nnx.Module):

@@ -93,7 +93,7 @@ def _divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> Pa
 
 
 def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], axes: Sequence[Sequence[str | None]],
-              out_axes: Sequence[str | None]) -> jax.Array:
+              out_axes: Sequence[str | None], *, check_vma: bool = True) -> jax.Array:
   """Runs `fn(*args)` on each device's own shard of `args` (logical `axes`), giving an `out_axes` array.
 
   For computations that are independent along their sharded axes (per example,
@@ -102,7 +102,9 @@ def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], axes: Seq
   gather a batch split over devices before a `lax.map` over it or an FFT. The
   output takes its sharding from the first argument's axes of the same name.
   Without active rules (one device) this is `fn(*args)`. `fn` must not call
-  `constrain`: inside, every array is device-local.
+  `constrain`: inside, every array is device-local. `check_vma=False` is for
+  bodies whose ops do not declare how their outputs vary over the mesh (Pallas
+  kernels such as splash attention), as `jax.shard_map` documents.
   """
   context = _CONTEXT.get()
   if context is None:
@@ -123,4 +125,4 @@ def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], axes: Seq
     finally:
       _CONTEXT.reset(token)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*args)
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=check_vma)(*args)
