@@ -25,7 +25,7 @@ from alm_jax.checkpoints import mapping
 from alm_jax.checkpoints import whisper as ckpt
 from alm_jax.config import ConfigError, from_dict
 from alm_jax.errors import CheckpointError
-from alm_jax.models import whisper
+from alm_jax.models import attention, whisper
 from alm_jax.models.audio_slots import AudioTokenSpec
 from alm_jax.models.partitioning import LOGICAL_AXES
 
@@ -354,8 +354,9 @@ def test_params_carry_logical_axes_and_remat_gives_same_grads():
 
 def test_blocked_attention_equals_one_block():
   q, k, v = np.random.default_rng(0).normal(size=(3, 2, 37, 4, 8)).astype(np.float32) * 2
-  mask = (np.arange(37)[None] < np.array([[37], [20]]))[:, None, None, :]
-  attend = jax.jit(functools.partial(whisper.blocked_attention, mask=mask), static_argnames="block")
+  valid = np.arange(37)[None] < np.array([[37], [20]])
+  attend = jax.jit(lambda q, k, v, block: attention.attention(q, k, v, key_valid=valid, head_block=block),
+                   static_argnames="block")
   full = attend(q, k, v, block=0)
   for block in (5, 16, 36):
     np.testing.assert_allclose(attend(q, k, v, block=block), full, atol=1e-5)

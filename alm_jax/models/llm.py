@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from alm_jax.config import require
-from alm_jax.models import layers, stack
+from alm_jax.models import attention, layers, stack
 from alm_jax.models.partitioning import constrain
 
 Family = Literal["qwen2", "qwen3", "llama"]
@@ -59,6 +59,10 @@ class LLMConfig:
     remat: rematerialisation policy per decoder layer (`layers.REMAT_POLICIES`).
     scan_layers: stack the layers and run them with a scan (one compiled body
       for all layers; the pod-scale form); False keeps a Python loop.
+    attention: implementation of training and prefill attention
+      (`attention.IMPLEMENTATIONS`: `xla` for CPU and as the reference,
+      `splash` for TPU, `cudnn` for GPU). Decoding with a KV cache takes a
+      dense mask, which splash cannot: it runs `xla` there.
     lora_rank / lora_alpha / lora_targets: LoRA adapters built with the model
       (rank 0 = none) on the named projections (q, k, v, o, gate, up, down).
   """
@@ -89,6 +93,7 @@ class LLMConfig:
   pad_token_id: int | None = None
   remat: str = "none"
   scan_layers: bool = True
+  attention: str = "xla"
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
@@ -125,6 +130,11 @@ class LLMConfig:
         self.remat in layers.REMAT_POLICIES,
         "llm.remat",
         f"must be one of {list(layers.REMAT_POLICIES)}, got {self.remat!r}",
+    )
+    require(
+        self.attention in attention.IMPLEMENTATIONS,
+        "llm.attention",
+        f"must be one of {list(attention.IMPLEMENTATIONS)}, got {self.attention!r}",
     )
     require(self.lora_rank >= 0, "llm.lora_rank", f"must be >= 0, got {self.lora_rank}")
     require(self.lora_alpha > 0, "llm.lora_alpha", f"must be positive, got {self.lora_alpha}")
@@ -207,6 +217,9 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs | None):
     d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # Splash takes no dense mask, so decoding with a cache (which needs one) runs the xla implementation.
+    self.impl = cfg.attention
+    self.cached_impl = "xla" if cfg.attention == "splash" else cfg.attention
     self.q_proj = _linear(cfg, "q", d, (h, hd), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, rngs)
     self.k_proj = _linear(cfg, "k", d, (k, hd), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, rngs)
     self.v_proj = _linear(cfg, "v", d, (k, hd), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, rngs)
@@ -227,7 +240,12 @@ class Attention(nnx.Module):
       kv: dict[str, jax.Array] | None = None,
       cache_index: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """x [B, T, D], mask [B, 1, T, S] → ([B, T, D], updated kv or None)."""
+    """x [B, T, D] → ([B, T, D], updated kv or None).
+
+    Without `kv`, causal self-attention over the T tokens and `mask` [B, T]
+    marks real keys; with `kv`, `mask` [B, 1, T, S] says which cache slots each
+    query sees (causal and valid).
+    """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -241,7 +259,10 @@ class Attention(nnx.Module):
       v = constrain(v, ("batch", "kv_length", "kv_heads", "head_dim"))
       new_kv = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = layers.dot_product_attention(q, k, v, mask=mask)
+    if kv is None:
+      out = attention.attention(q, k, v, impl=self.impl, causal=True, key_valid=mask)
+    else:
+      out = attention.attention(q, k, v, impl=self.cached_impl, mask=mask)
     return self.o_proj(out), new_kv
 
 
@@ -361,8 +382,7 @@ class LLM(nnx.Module):
     cos, sin = rope_tables(self.cfg, positions)
 
     if cache is None:
-      causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-      attn_mask = causal[None, None] & mask[:, None, None, :]
+      attn_mask = mask  # causal self-attention with these keys (see `Attention.__call__`)
       kvs = None
     else:
       if cache_index is None:

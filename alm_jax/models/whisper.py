@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from alm_jax.config import from_dict, require
-from alm_jax.models import layers, stack
-from alm_jax.models.partitioning import constrain, per_shard
+from alm_jax.models import attention, layers, stack
+from alm_jax.models.partitioning import constrain
 
 # Encoder shapes of the released checkpoints (openai names); `WhisperConfig.preset(name)`.
 PRESETS: dict[str, dict[str, int]] = {
@@ -53,9 +53,11 @@ class WhisperConfig:
     pool: average-pool stride 2 after the layers, before the final LayerNorm.
     mask_padding: mask padding frames (from the input frame mask) out of attention.
     layer_norm_eps: epsilon of every LayerNorm.
-    attention_block: query rows per attention block (see `blocked_attention`):
-      0 is one fused attention (TPU/GPU); per-head blocks of ~512 rows are about
-      3x faster on CPU. Config, never guessed from the backend while tracing.
+    attention: implementation (`attention.IMPLEMENTATIONS`: `xla`, `splash`
+      on TPU, `cudnn` on GPU). Config, never guessed from the backend.
+    attention_block: with `xla`, query rows per attention block (see
+      `attention.blocked_attention`): 0 is one fused attention (TPU/GPU);
+      per-head blocks of ~512 rows are about 3x faster on CPU.
     remat: rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
     scan_layers: stack the layers and run them with a scan (`models/stack.py`);
       False keeps a Python loop over `layers/{i}`.
@@ -71,6 +73,7 @@ class WhisperConfig:
   pool: bool = False
   mask_padding: bool = False
   layer_norm_eps: float = 1e-5
+  attention: str = "xla"
   attention_block: int = 0
   remat: str = "none"
   scan_layers: bool = True
@@ -91,6 +94,16 @@ class WhisperConfig:
     require(self.max_positions > 0, "whisper.max_positions", f"must be positive, got {self.max_positions}")
     require(self.activation in _ACTIVATIONS, "whisper.activation", f"unknown activation {self.activation!r}")
     require(self.layer_norm_eps > 0, "whisper.layer_norm_eps", "must be positive")
+    require(
+        self.attention in attention.IMPLEMENTATIONS,
+        "whisper.attention",
+        f"must be one of {list(attention.IMPLEMENTATIONS)}, got {self.attention!r}",
+    )
+    require(
+        self.attention == "xla" or self.attention_block == 0,
+        "whisper.attention_block",
+        f"blocks are an xla choice; {self.attention!r} attention needs 0, got {self.attention_block}",
+    )
     require(
         self.attention_block >= 0,
         "whisper.attention_block",
@@ -161,72 +174,22 @@ class Conv1d(nnx.Module):
 CPU_ATTENTION_BLOCK = 512  # a good `attention_block` on CPU (configs for CPU runs set it)
 
 
-def blocked_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, block: int = 0
-) -> jax.Array:
-  """Softmax attention one head and at most `block` query rows at a time (0: all at once).
-
-  Shapes as `layers.dot_product_attention`: q `[B, T, H, D]`, k/v `[B, S, H, D]`,
-  boolean key-padding `mask` `[B, 1, 1, S]` (True = attend). Logits and softmax
-  are float32. Looping over (batch·head, query block) turns attention into plain
-  2-D matmuls on cache-sized logits, about 3x faster than one batched einsum on
-  CPU; the result equals the one-block computation.
-  """
-  batch, length, heads, dim = q.shape
-  if block <= 0:
-    return layers.dot_product_attention(q, k, v, mask=mask)
-  if k.shape[2] != heads:
-    raise ValueError(f"blocked attention needs as many kv heads as query heads, got {k.shape[2]} and {heads}")
-  keys = k.shape[1]
-  if mask is not None:
-    if mask.ndim != 4 or mask.shape[1:3] != (1, 1):
-      raise ValueError(f"blocked attention takes a key-padding mask [B, 1, 1, S], got {mask.shape}")
-    mask = jnp.broadcast_to(mask[:, 0, 0, :], (batch, keys))
-  n = -(-length // block)
-  block = -(-length // n)  # as even as possible: 1500 rows → 3 blocks of 500, no padding
-  q = (q * jnp.asarray(dim**-0.5, q.dtype)).transpose(0, 2, 1, 3)  # [B, H, T, D]
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, n * block - length), (0, 0))).reshape(batch * heads * n, block, dim)
-  k = k.transpose(0, 2, 1, 3).reshape(batch * heads, keys, dim)
-  v = v.transpose(0, 2, 1, 3).reshape(batch * heads, keys, dim)
-
-  def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-    index, qb = args
-    head = index // n
-    logits = jnp.einsum("td,sd->ts", qb, k[head], preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask[head // heads][None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return probs @ v[head]
-
-  out = jax.lax.map(one, (jnp.arange(batch * heads * n), q))  # [B·H·n, block, D]
-  out = out.reshape(batch, heads, n * block, dim)[:, :, :length]
-  return out.transpose(0, 2, 1, 3)
-
-
 class WhisperLayer(nnx.Module):
   """Pre-LN block: x + attn(LN(x)); x + MLP(LN(x)). k_proj has no bias, as in Whisper."""
 
   def __init__(self, config: WhisperConfig, *, rngs: nnx.Rngs | None):
     eps = config.layer_norm_eps
-    self.attention_block = config.attention_block
+    self.impl, self.attention_block = config.attention, config.attention_block
     self.self_attn_layer_norm = layers.LayerNorm(config.d_model, eps=eps, rngs=rngs)
     self.self_attn = layers.MultiHeadAttention(config.d_model, config.num_heads, k_bias=False, rngs=rngs)
     self.final_layer_norm = layers.LayerNorm(config.d_model, eps=eps, rngs=rngs)
     self.mlp = layers.MLP(config.d_model, config.ffn_dim, act=config.activation, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    block = self.attention_block
+  def __call__(self, x: jax.Array, key_valid: jax.Array | None) -> jax.Array:
+    """x [B, T, d]; `key_valid` [B, T] masks padding frames out of attention (None: attend to all)."""
     attn, h = self.self_attn, self.self_attn_layer_norm(x)
     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    if block:  # the loop over (example, head, block) runs on each device's own examples and heads
-      heads = ("batch", None, "heads", None)
-      args, axes = (q, k, v), (heads, heads, heads)
-      if mask is not None:
-        args, axes = args + (mask,), axes + (("batch", None, None, None),)
-      attend = lambda q, k, v, m=None: blocked_attention(q, k, v, mask=m, block=block)
-      out = per_shard(attend, args, axes, heads)
-    else:
-      out = layers.dot_product_attention(q, k, v, mask=mask)
+    out = attention.attention(q, k, v, impl=self.impl, key_valid=key_valid, head_block=self.attention_block)
     x = x + attn.out_proj(out)
     x = constrain(x, ("batch", "audio_frames", "embed"))
     x = x + self.mlp(self.final_layer_norm(x))
@@ -290,9 +253,9 @@ class WhisperEncoder(nnx.Module):
     else:
       lengths = conv_frames(mask.astype(jnp.int32).sum(-1))
     valid = jnp.arange(frames)[None, :] < lengths[:, None]
-    attn_mask = layers.padding_mask_2d(valid) if (config.mask_padding and mask is not None) else None
+    key_valid = valid if (config.mask_padding and mask is not None) else None
 
-    x, _ = stack.run(self.layers, lambda layer, x, _: (layer(x, attn_mask), None), x, remat=config.remat)
+    x, _ = stack.run(self.layers, lambda layer, x, _: (layer(x, key_valid), None), x, remat=config.remat)
 
     if config.pool:
       pooled = frames // 2
