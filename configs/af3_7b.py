@@ -13,7 +13,7 @@ Sizes follow the released `config.json`. Stages: `projector` (alignment),
 import ml_collections
 
 WHISPER_LARGE_V3 = dict(n_mels=128, d_model=1280, num_layers=32, num_heads=20, ffn_dim=5120, max_positions=1500,
-                        pool=True, mask_padding=True, remat="full")
+                        pool=True, mask_padding=True, remat="full", attention="splash")
 LEARNING_RATES = {"projector": 1e-3, "audio": 1e-4, "lora": 2e-4, "full": 2e-5}
 
 
@@ -31,10 +31,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        use_bias=True)),
       llm=dict(family="qwen2", vocab_size=151672, hidden_size=3584, intermediate_size=18944, num_layers=28,
                num_heads=28, num_kv_heads=4, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
-               qkv_bias=True, tie_embeddings=False, remat="full", lora_rank=8 if stage == "lora" else 0,
+               qkv_bias=True, tie_embeddings=False, remat="full", attention="splash",
+               lora_rank=8 if stage == "lora" else 0,
                lora_alpha=16.0, lora_targets=("q", "k", "v", "o", "gate", "up", "down")),
       audio=dict(sample_rate=16000, window_seconds=30.0, max_windows=20),  # up to 600 s per clip
-      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; fused attention.
+      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; splash attention
+      # (the Pallas TPU kernel) in Whisper and the LLM; layers scanned (`scan_layers`, the default).
       frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=151669,  # <sound>
   )

@@ -29,17 +29,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       encoder_norm=True,  # ln_speech / ln_audio
       trim_padding=False,  # every frame of the 30 s window becomes Q-former input
       whisper=dict(n_mels=80, d_model=1280, num_layers=32, num_heads=20, ffn_dim=5120, max_positions=1500,
-                   pool=False, mask_padding=False, remat="full"),
+                   pool=False, mask_padding=False, remat="full", attention="splash"),
       beats=dict(n_mels=128, patch_size=16, patch_dim=512, width=768, num_layers=12, num_heads=12, ffn_dim=3072),
       bridge=dict(kind="qformer", qformer=dict(
           mode="window", encoder_dim=1280 + 768, hidden_size=768, num_layers=2, num_heads=12,
           intermediate_size=3072, cross_attention_frequency=1, queries=1, window=17, llm_dim=4096)),
       llm=dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                num_heads=32, num_kv_heads=32, rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5,
-               qkv_bias=False, tie_embeddings=False, remat="full", lora_rank=8, lora_alpha=32.0,
+               qkv_bias=False, tie_embeddings=False, remat="full", attention="splash", lora_rank=8, lora_alpha=32.0,
                lora_targets=("q", "v")),
       audio=dict(sample_rate=16000, window_seconds=30.0, max_windows=1),
-      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; fused attention.
+      # TPU choices (config, never detected): the matmul DFT on the MXU over all windows at once; splash attention
+      # (the Pallas TPU kernel) in Whisper and the LLM (BEATs' position bias needs xla); layers scanned.
       frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=-1,  # <unk>, taken from the tokenizer
   )

@@ -245,10 +245,18 @@ def target_choices(model, platform: str) -> str:
   """The config's per-target computation choices, which the compiled program bakes in (nothing is detected),
   with a warning when a TPU is compiled for with the choices made for CPUs."""
   frontend = model.frontend
-  block = model.whisper.attention_block if model.whisper is not None and "whisper" in model.encoders else 0
+  whisper = model.whisper if model.whisper is not None and "whisper" in model.encoders else None
+  block = whisper.attention_block if whisper is not None else 0
+  impls = {"llm": model.llm.attention, **({"whisper": whisper.attention} if whisper is not None else {})}
   line = (f"target choices (config): front end method={frontend.method} "
-          f"examples_per_step={frontend.examples_per_step}, whisper attention_block={block}")
+          f"examples_per_step={frontend.examples_per_step}, whisper attention_block={block}, attention "
+          + ", ".join(f"{tower}={impl}" for tower, impl in impls.items())
+          + f", layers {'scanned' if model.llm.scan_layers else 'unrolled'}")
   if platform == "tpu" and (frontend.method == "fft" or frontend.examples_per_step or block):
     line += ("\nwarning: these are CPU choices; on a TPU set --config.model.frontend.method=matmul "
              "--config.model.frontend.examples_per_step=0 --config.model.whisper.attention_block=0")
+  if platform == "tpu" and any(impl != "splash" for impl in impls.values()):
+    line += "\nnote: splash is the TPU attention kernel (--config.model.llm.attention=splash, same for whisper)"
+  if platform != "tpu" and "splash" in impls.values():
+    line += f"\nwarning: splash attention is a TPU kernel; a {platform} target needs xla or cudnn"
   return line
