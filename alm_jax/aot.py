@@ -436,7 +436,7 @@ def entry_parameter_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
     if line.startswith("ENTRY"):
       in_entry = True
       continue
-    if in_entry and line.startswith("}"):
+    if in_entry and line.rstrip() == "}":
       break
     if in_entry and " parameter(" in line:
       shape = _SHAPE.search(line.split("=", 1)[1])

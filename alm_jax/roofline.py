@@ -183,7 +183,7 @@ def parse_module(hlo_text: str) -> Module:
       continue
     if name is None:
       continue
-    if line.startswith("}"):
+    if line.rstrip() == "}":  # not `}}, metadata=...`: a custom call's multi-line backend config (splash)
       computations[name] = Computation(name, body, root)
       name = None
       continue

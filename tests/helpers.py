@@ -11,10 +11,11 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-  """Environment for CLI subprocesses: CPU only, fast (unoptimised) XLA compiles."""
+  """Environment for CLI subprocesses: CPU only, fast (unoptimised) XLA compiles; libtpu (for `alm-jax
+  compile --topology v5p:...`, which only compiles) may load while another test process holds its lock."""
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="--xla_backend_optimization_level=0",
-             PYTHONUNBUFFERED="1")
+             PYTHONUNBUFFERED="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   env.update(extra)
   return env
 

@@ -262,3 +262,42 @@ if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   run = {"--collectives": collectives_on_8_devices, "--tpu": tpu_scanned_stack}[sys.argv[1]]
   print("RESULT " + json.dumps(run(), default=str), flush=True)
+
+
+MULTILINE_CONFIG_LOOP = """HloModule m
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8] get-tuple-element(%p), index=1
+  %k = f32[8,8] custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "x",
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="pallas_call"}
+  %y = f32[8,8] dot(%k, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,8]) tuple(%next, %y)
+}
+
+%cond (q: (s32[], f32[8,8])) -> pred[] {
+  %q = (s32[], f32[8,8]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,8]) -> (s32[], f32[8,8]) {
+  %a = f32[8,8] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]) tuple(%zero, %a)
+  ROOT %w = (s32[], f32[8,8]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_custom_calls_multiline_backend_config_does_not_end_its_computation():
+  """Splash's pallas_call carries a backend config whose lines start with `}}`: the loop body goes on after it,
+  so its counter and dot are still found (the 7B train step's loops were all `?` before)."""
+  r = roofline.analyse_hlo(MULTILINE_CONFIG_LOOP)
+  assert [(loop.trip_count, loop.source) for loop in r.loops] == [(7, "induction variable")]
+  assert r.flops == 7 * 2 * 8 * 8 * 8
