@@ -113,19 +113,25 @@ def compile_config(cfg, mesh, rules, topology):
       program.step_fn, program.args, in_shardings=program.in_shardings, out_shardings=program.out_shardings,
       mesh=mesh, rules=rules, donate_argnums=(0, 2), topology=topology,
       parameter_shapes=program.layout.gathered_shapes(),
-      model_flops=model_flops(program, mesh.size), model_flops_source="6·N·tokens, N = all parameters")
+      model_flops=model_flops(program, mesh.size), model_flops_source=MODEL_FLOPS_SOURCE)
   return report, compiled, program
 
 
+MODEL_FLOPS_SOURCE = "6·N·tokens, N = parameters less the input embedding table"
+
+
 def model_flops(program, num_devices: int) -> float | None:
-  """6·N·tokens per device for one step of `program` (N: every parameter, trainable or not; tokens: the
-  batch's text positions, micro-batches included): the usual MFU convention, not the step's exact work."""
+  """6·N·tokens per device for one step of `program` (N: every parameter, trainable or not, less an untied
+  input embedding table, which is a lookup rather than a matmul; tokens: the batch's text positions,
+  micro-batches included): the usual MFU convention, not the step's exact work."""
   from alm_jax.roofline import model_flops_per_device  # pylint: disable=import-outside-toplevel
 
   tokens = program.args[3].get("tokens")
   if tokens is None:
     return None
-  parameters = sum(a.size for a in program.layout.abstract.values())
+  abstract = program.layout.abstract
+  lookup = abstract["llm/embed/embedding"].size if "llm/lm_head/kernel" in abstract else 0
+  parameters = sum(a.size for a in abstract.values()) - lookup
   return model_flops_per_device(parameters, math.prod(tokens.shape), num_devices)
 
 
