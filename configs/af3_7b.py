@@ -39,6 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (the Pallas TPU kernel) in Whisper and the LLM; layers scanned (`scan_layers`, the default).
       frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=151669,  # <sound>
+      # The loss in chunks of 512 positions per row (`chunked_cross_entropy`): float32 logits over this 152k
+      # vocabulary are 0.6 MiB per position, 9.3 GiB per 16384-token row (the longest bucket), with the softmax
+      # and the logits' gradient as large beside them. A 512-position chunk's arrays are 0.3 GiB per row.
+      loss_chunk_tokens=512,
   )
   config.data = dict(
       path="",

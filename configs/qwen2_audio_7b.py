@@ -37,6 +37,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (the Pallas TPU kernel) in Whisper and the LLM; layers scanned (`scan_layers`, the default).
       frontend=dict(method="matmul", examples_per_step=0),
       audio_token_id=151646,  # <|AUDIO|>
+      # The loss in chunks of 512 positions per row (`chunked_cross_entropy`): float32 logits over this 156k
+      # vocabulary are 0.6 MiB per position, 1.2 GiB per 2048-token row, 4.8 GiB per array at 4 rows per chip,
+      # with the softmax and the logits' gradient as large beside them. In chunks of 512 one chunk's arrays are
+      # a quarter of that, in 4 scan steps whose matmuls ([rows x 512, 4096] by [4096, 156k]) stay MXU-sized.
+      loss_chunk_tokens=512,
   )
   config.data = dict(
       path="",  # a manifest, a `data pack` folder or tfds:NAME

@@ -12,7 +12,7 @@ verifies a batch against it on the host before it reaches the device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +109,11 @@ class ALMConfig:
     audio_token_id: the tokenizer's audio placeholder id (-1: take it from the
       tokenizer at start, see `with_tokenizer`).
     frontend: how the log-Mel / fbank front end runs on the target (`FrontendConfig`).
+    loss_chunk_tokens: compute the training loss's logits this many positions (per row) at a
+      time (`chunked_cross_entropy`), so the float32 `[batch, length, vocab]` logits never exist
+      whole; 0: all at once. Same loss and gradient; it pays off for large vocabularies (float32
+      logits over 152k tokens are 0.6 MiB per position): the Qwen2-Audio and AF3 recipes use 512.
+      The tagging objective has no LLM logits and ignores it.
     tagging_head: adds `tagger`, the audio-tagging head that pretrains the
       encoders on their own (`train.objective="tagging"`, see `tagging.py`).
   """
@@ -125,6 +130,7 @@ class ALMConfig:
   frontend: FrontendConfig = FrontendConfig()
   audio_token_id: int = -1
   tagging_head: bool = False
+  loss_chunk_tokens: int = 0
 
   def __post_init__(self):
     require(
@@ -149,6 +155,7 @@ class ALMConfig:
         "model.audio_token_id",
         f"{self.audio_token_id} is outside the vocabulary of {self.llm.vocab_size}",
     )
+    require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", f"must be >= 0, got {self.loss_chunk_tokens}")
     spec = self.token_spec()  # validates the audio section
     if self.whisper is not None:
       frames = (spec.mel_frames - 1) // 2 + 1
@@ -324,6 +331,45 @@ def splice_audio(
   return splice(embeddings, tokens, audio.astype(embeddings.dtype), audio_valid, placeholder_id)
 
 
+def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
+                          weights: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(Σ weight·cross-entropy, Σ weight·[argmax == target]) over hidden [B, L, D] and targets/weights [B, L].
+
+  `logits_fn` maps hidden states [..., D] to float32 logits [..., V] (the LLM's tied or untied head); the
+  log-softmax runs on those float32 logits. `chunk` > 0 computes them `chunk` positions at a time in a
+  `lax.scan` whose body is rematerialised (`jax.checkpoint`), so neither the forward nor the backward pass
+  holds more than one chunk's `[B, chunk, V]` logits, softmax and logit gradient: the backward pass
+  recomputes each chunk's logits from its hidden states instead of keeping every chunk's (a 152k
+  vocabulary at 2048 tokens is 1.2 GiB of float32 logits per sequence). A length that `chunk` does not
+  divide gets a last chunk padded with positions of weight 0. `chunk` 0 (or >= L) computes all at once.
+  The sums, and their gradients, equal the unchunked ones up to float32 summation order.
+  """
+  def sums(h, t, w):
+    logits = logits_fn(h)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, t)
+    correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
+    return (losses * w).sum(), (correct * w).sum()
+
+  length = hidden.shape[1]
+  if chunk <= 0 or chunk >= length:
+    return sums(hidden, targets, weights)
+  pad = -length % chunk
+  if pad:  # padded positions weigh nothing
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+  n = (length + pad) // chunk
+  split = lambda x: x.reshape(x.shape[0], n, chunk, *x.shape[2:]).swapaxes(0, 1)  # [n, B, chunk, ...]
+  body = jax.checkpoint(sums, prevent_cse=False)  # in a scan, CSE cannot merge the recomputation away
+
+  def step(total, xs):
+    loss, correct = body(*xs)
+    return (total[0] + loss, total[1] + correct), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss, correct), _ = jax.lax.scan(step, (zero, zero), (split(hidden), split(targets), split(weights)))
+  return loss, correct
+
+
 class AudioLanguageModel(nnx.Module):
   """encoder(s) → bridge → splice → LLM. Submodules: `encoder`, `bridge`, `llm` (+ `tagger`, see `tagging_head`)."""
 
@@ -359,18 +405,24 @@ class AudioLanguageModel(nnx.Module):
     return logits
 
   def loss(self, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Next-token cross-entropy on answer tokens only (`loss_mask`), and metrics."""
-    logits = self(batch)
+    """Next-token cross-entropy on answer tokens only (`loss_mask`), and metrics.
+
+    With `loss_chunk_tokens` > 0 the float32 logits exist one chunk of positions at a time
+    (`chunked_cross_entropy`), never as a whole `[batch, length, vocab]` array.
+    """
+    mask = batch["token_mask"]
+    hidden, _ = self.llm(embeddings=self.input_embeddings(batch), positions=positions_from_mask(mask), mask=mask,
+                         return_hidden=True)
     targets = batch["tokens"][:, 1:]
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["token_mask"][:, 1:]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    loss_sum, correct_sum = chunked_cross_entropy(self.llm.logits, hidden[:, :-1], targets, weights,
+                                                  self.cfg.loss_chunk_tokens)
     count = weights.sum()
-    loss = (losses * weights).sum() / jnp.maximum(count, 1.0)
-    correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
+    loss = loss_sum / jnp.maximum(count, 1.0)
     metrics = {
         "loss": loss,
         "target_tokens": count,
-        "token_accuracy": (correct * weights).sum() / jnp.maximum(count, 1.0),
+        "token_accuracy": correct_sum / jnp.maximum(count, 1.0),
         "tokens": batch["token_mask"].astype(jnp.float32).sum(),
     }
     return loss, metrics
