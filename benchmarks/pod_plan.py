@@ -15,6 +15,7 @@ and prints the compile-time ratio against its scanned form.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -125,20 +126,24 @@ def main() -> None:
   parser.add_argument("--rows", type=int, default=256, help="global batch (sequences)")
   parser.add_argument("--tokens", type=int, default=2048, help="tokens per sequence")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per compile before giving up")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="compiles at once (each takes ~1 core and ~4 GB here; compile times then include sharing)")
   parser.add_argument("--unrolled", action="store_true",
                       help="also compile the first recipe × stage with unrolled layers (the compile-time baseline)")
   parser.add_argument("--write-docs", action="store_true", help="put the table into docs/scaling.md")
   args = parser.parse_args()
 
   overrides = batch_overrides(args.rows, args.tokens)
-  rows = []
-  for recipe in args.recipes:
-    for stage in args.stages:
-      row = compile_one(recipe, stage, args.topology, overrides, args.timeout)
-      print(f"{recipe}:{stage}: exit {row.status}, {row.wall_seconds:.0f} s wall {row.note}", flush=True)
-      rows.append(row)
+  programs = [(recipe, stage) for recipe in args.recipes for stage in args.stages]
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    futures = [pool.submit(compile_one, recipe, stage, args.topology, overrides, args.timeout)
+               for recipe, stage in programs]
+    for future in concurrent.futures.as_completed(futures):
+      row = future.result()
+      print(f"{row.recipe}:{row.stage}: exit {row.status}, {row.wall_seconds:.0f} s wall {row.note}", flush=True)
+  rows = [future.result() for future in futures]
   lines = [f"{args.topology}, global batch {args.rows} × {args.tokens} tokens, one ≤30 s clip per row; "
-           f"measured {datetime.date.today().isoformat()} by `benchmarks/pod_plan.py` on a "
+           f"measured {datetime.date.today().isoformat()} by `benchmarks/pod_plan.py --jobs {args.jobs}` on a "
            f"{os.cpu_count()}-core host.", "", table(rows)]
   if args.unrolled:
     recipe, stage = args.recipes[0], args.stages[0]

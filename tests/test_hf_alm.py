@@ -394,11 +394,12 @@ def test_released_recipes_validate_and_match_their_families():
       assert cfg.train.stage == stage and cfg.data.template == family
       hf = hf_alm.alm_config_to_hf(cfg.model, family)  # the recipe is exactly the released layout
       assert cfg.model.loss_chunk_tokens == 512  # 152k vocabularies: the loss in chunks by default
-      # Training choices (remat, adapters, loss chunks) are not part of the released layout.
+      # Training and target choices (remat, adapters, loss chunks, attention kernel) are not part of the layout.
+      assert cfg.model.llm.attention == cfg.model.whisper.attention == "splash"
       assert hf_alm.alm_config_from_hf(hf, family, has_lm_head=True) == dataclasses.replace(
           cfg.model, llm=dataclasses.replace(cfg.model.llm, remat="none", lora_rank=0, lora_alpha=16.0,
-                                              lora_targets=("q", "k", "v", "o"), eos_token_ids=()),
-          whisper=dataclasses.replace(cfg.model.whisper, remat="none"), loss_chunk_tokens=0)
+                                              lora_targets=("q", "k", "v", "o"), eos_token_ids=(), attention="xla"),
+          whisper=dataclasses.replace(cfg.model.whisper, remat="none", attention="xla"), loss_chunk_tokens=0)
   salmonn = load_run_config(os.path.join(REPO, "configs", "salmonn_7b.py"))
   assert salmonn.model.token_spec().bridge == "window_qformer" and salmonn.train.pretrained.beats
   assert salmonn.model.llm.lora_rank == 8 and salmonn.model.llm.lora_alpha == 32.0
