@@ -68,5 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # A TPU pod slice (e.g. v5p-128): FSDP over every chip; long clips make big window batches, so keep the
   # batch axis wide. For several slices set dcn_shape=(-1, 1, 1) and a fixed shape such as (1, 64, 1).
-  config.mesh = dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1))
+  # LoRA adapters on the MLP projections (18944 x 8) split only over `tensor`, so over a pure FSDP mesh they
+  # are replicated: 11.6 % above perfect sharding on 64 chips in the `lora` stage (other stages: <1 %).
+  config.mesh = dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1), sharding_tolerance=0.15)
   return config
