@@ -226,23 +226,9 @@ class MLP(nnx.Module):
     return self.fc2(h)
 
 
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-  """Softmax attention with grouped-query support in float32 logits: `attention.xla_attention`, kept for callers.
-
-  Shapes: q [B, T, H, D], k/v [B, S, K, D] with H a multiple of K. `mask` is
-  boolean (True = attend) and `bias` additive, each broadcastable to
-  [B, H, T, S]. Fully masked rows give a uniform average. New code calls
-  `attention.attention` with the implementation its config names.
-  """
-  return xla_attention(q, k, v, mask=mask, bias=bias, scale=scale)
+# Softmax attention in float32 logits with grouped-query heads and mask/bias (`attention.xla_attention`), under
+# the name the encoders and the Q-former call; config-selected implementations go through `attention.attention`.
+dot_product_attention = xla_attention
 
 
 class MultiHeadAttention(nnx.Module):
