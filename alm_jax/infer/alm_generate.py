@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from alm_jax.errors import DataError
 from alm_jax.infer.generate import bucket_length, decode
 from alm_jax.infer.sampling import SamplingConfig
 from alm_jax.models.audio_slots import num_audio_tokens
+from alm_jax.params import ParamLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,27 @@ class Prompt:
 def user_prompt(text: str, audio: Sequence[np.ndarray] = ()) -> Prompt:
   """A single-turn prompt; clips without `<audio N>` markers go at the start of the turn."""
   return Prompt(({"role": "user", "content": text},), tuple(audio))
+
+
+def generate_fn(layout: ParamLayout, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                pad_id: int = 0) -> Callable:
+  """The generation program for one shape bucket: `fn(params, batch, seed, stops) -> GenerateOutput`.
+
+  params: the layout's flat parameters (any float dtype: the model computes in theirs); batch: a
+  collated batch (`tokens`, `token_mask`, `audio`, `audio_samples`, `audio_clip`); seed: int32 [2]
+  (seed, call number) for the sampling key; stops: int32 [N] stop ids padded with -1. Features,
+  encoders, bridge, splice, prefill and the while-loop decode are one program; `ALMGenerator` jits it
+  over its mesh and `alm-jax compile --mode generate` compiles the same function for a pod.
+  """
+
+  def answer(params, batch, seed, stops):
+    model = layout.model(params)
+    embeddings = model.input_embeddings(batch)
+    key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+    return decode(model.llm, embeddings=embeddings, mask=batch["token_mask"], key=key,
+                  max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stops, pad_id=pad_id)
+
+  return answer
 
 
 class ALMGenerator:
