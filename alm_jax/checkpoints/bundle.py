@@ -12,6 +12,8 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from alm_jax.checkpoints import orbax as ckpt_lib
@@ -23,6 +25,7 @@ from alm_jax.models.partitioning import Rules
 from alm_jax.params import Flat, ParamLayout
 
 TOKENIZER_FILE = "tokenizer.json"
+FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -36,6 +39,9 @@ class ModelBundle:
   params: Flat
   step: int
   source: str
+  mesh: Mesh | None = None  # where `params` live (their shards) and generation runs
+  rules: Rules | None = None
+  dtype: str = "float32"  # the parameters' floating dtype, which the model computes in
 
 
 def run_directory(path: str) -> str:
@@ -63,17 +69,21 @@ def model_config_of(metadata: ckpt_lib.CheckpointMetadata, source: str) -> tuple
 
 
 def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = None,
-                overrides: dict[str, Any] | None = None) -> ModelBundle:
-  """Loads config, tokenizer and parameters (placed on `mesh`, default one device).
+                overrides: dict[str, Any] | None = None, dtype: str = "float32") -> ModelBundle:
+  """Loads config, tokenizer and parameters, restored straight into their shards on `mesh`.
 
-  `overrides` replace model config fields that do not change parameter
-  shapes (e.g. `{"llm": {...remat...}}` is not supported; keep it to flat
-  fields such as `trim_padding`). `path` may be relative to the current
-  directory or start with `~`; `ModelBundle.source` is its absolute form.
+  Parameters are placed by the training rules (`rules`; default one device): Orbax reads on each host
+  only the slices its devices hold, from a checkpoint written on any mesh, so no host ever holds the
+  whole model. `dtype` ("float32" or "bfloat16") is the floating dtype they are restored in (the
+  model then computes in it). `overrides` replace model config fields that do not change parameter
+  shapes (flat fields such as `trim_padding`). `path` may be relative to the current directory or
+  start with `~`; `ModelBundle.source` is its absolute form.
   """
   path = str(ckpt_lib.absolute(path))
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint")
+  if dtype not in FLOAT_DTYPES:
+    raise CheckpointError(f"{path}: unknown dtype {dtype!r} (expected one of {sorted(FLOAT_DTYPES)})")
   metadata = ckpt_lib.read_metadata(path)
   model_cfg, template = model_config_of(metadata, path)
   if overrides:
@@ -88,12 +98,30 @@ def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = No
     from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(shape=(1, 1, 1)), devices=[_first_device()])
+  if rules is None:
+    from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+
     rules = sharding_lib.MeshConfig().logical_rules
-  params = ckpt_lib.restore_params_only(path, layout.abstract_sharded(mesh, rules))
-  return ModelBundle(model_cfg, template, tokenizer, layout, params, metadata.step, path)
+  layout.check_divisible(mesh, rules)
+  target = {p: _with_float_dtype(a, FLOAT_DTYPES[dtype]) for p, a in layout.abstract_sharded(mesh, rules).items()}
+  params = ckpt_lib.restore_params_only(path, target)
+  return ModelBundle(model_cfg, template, tokenizer, layout, params, metadata.step, path, mesh, rules, dtype)
+
+
+def stored_config(path: str) -> dict[str, Any]:
+  """The resolved run config a checkpoint recorded (empty when it has none)."""
+  path = str(ckpt_lib.absolute(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such checkpoint")
+  return dict(ckpt_lib.read_metadata(path).config or {})
+
+
+def _with_float_dtype(abstract: Any, dtype: Any) -> Any:
+  """`abstract` (a sharded ShapeDtypeStruct) with a floating dtype replaced by `dtype`; integers kept."""
+  if not jnp.issubdtype(abstract.dtype, jnp.floating):
+    return abstract
+  return jax.ShapeDtypeStruct(abstract.shape, dtype, sharding=abstract.sharding)
 
 
 def _first_device():
-  import jax  # pylint: disable=import-outside-toplevel
-
   return jax.local_devices()[0]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from alm_jax import distributed
+from alm_jax.infer import placement
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--ckpt", required=True, help="run directory, checkpoints folder or step folder")
@@ -15,18 +18,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--top-k", type=int, default=0)
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
+  placement.add_arguments(parser)
+  distributed.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+  distributed.initialize_from_args(args)
   from alm_jax.audio.io import load_audio  # pylint: disable=import-outside-toplevel
-  from alm_jax.checkpoints.bundle import load_bundle  # pylint: disable=import-outside-toplevel
   from alm_jax.infer.alm_generate import ALMGenerator, user_prompt  # pylint: disable=import-outside-toplevel
   from alm_jax.infer.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
 
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   audio = [load_audio(path) for path in args.audio]  # bad files fail here, before the model loads
-  bundle = load_bundle(args.ckpt)
+  bundle = placement.load_for_generation(args.ckpt, args.mesh, args.dtype, args.config_overrides)
   generator = ALMGenerator(bundle, max_new_tokens=args.max_new_tokens, sampling=sampling, batch_size=1,
                            seed=args.seed)
-  print(generator([user_prompt(args.prompt, audio)])[0])
+  answer = generator([user_prompt(args.prompt, audio)])[0]
+  if distributed.is_main_process():
+    print(answer)
   return 0

@@ -15,6 +15,7 @@ class ALMPredictor:
   def __init__(self, generator: ALMGenerator):
     self.generator = generator
     self.sample_rate = generator.spec.sample_rate
+    self.group = generator.group  # which items this process answers (`runner.predict_share`)
 
   def predict(self, items: Sequence[EvalItem]) -> list[str]:
     prompts = [user_prompt(item.prompt, [load_audio(p, sample_rate=self.sample_rate) for p in item.audio])

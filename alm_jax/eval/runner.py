@@ -5,8 +5,10 @@ the whole `alm-jax eval` command minus model loading:
 
 1. every process reads the benchmark (same items, same order; malformed items
    become `skipped` entries with a reason);
-2. process p of P takes items p, p+P, p+2P, ... and skips those already in the
-   predictions directory (`<out stem>.predictions/`, one JSONL per process and
+2. process p of P takes items p, p+P, p+2P, ... (or, for a predictor with a
+   `group` — a model sharded so that several processes hold the same batch rows —
+   group g of G takes items g, g+G, ..., and only its leader saves them) and skips
+   those already in the predictions directory (`<out stem>.predictions/`, one JSONL per process and
    process count; all files are read, so a resumed run may use another process
    count);
 3. it predicts its share in batches, appending each batch to its own JSONL and
@@ -215,10 +217,18 @@ def predict_share(
     options: EvalOptions,
     process_index: int,
     process_count: int,
+    group: Any = None,
 ) -> int:
-  """Predicts this process's not-yet-saved share of `items`, saving batch by batch; returns how many it predicted."""
+  """Predicts this process's not-yet-saved share of `items`, saving batch by batch; returns how many it predicted.
+
+  Items are handed out per process, or per `group` (a predictor's `placement.BatchGroup`: processes
+  whose devices hold the same batch rows answer the same items together, and only the group's
+  leader saves them).
+  """
   predict = predictor.predict if hasattr(predictor, "predict") else predictor
-  share = list(items[process_index::process_count])
+  share_index, share_count = (group.index, group.count) if group is not None else (process_index, process_count)
+  writes = group.leader if group is not None else True
+  share = list(items[share_index::share_count])
   saved = store.read_all()
   _check_saved(saved, share, options, store.directory)
   todo = [item for item in share if item.id not in saved]
@@ -230,7 +240,7 @@ def predict_share(
   if process_index == 0 and options.progress and n_batches:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-    desc = "eval" if process_count == 1 else f"eval (process 0's share of {process_count})"
+    desc = "eval" if share_count == 1 else f"eval (process 0's share of {share_count})"
     bar = tqdm(total=len(share), initial=len(share) - len(todo), unit="item", desc=desc, dynamic_ncols=True)
   done = 0
   try:
@@ -248,7 +258,7 @@ def predict_share(
         records = [{"id": item.id, "prediction": out if isinstance(out, str) or out is None else str(out),
                     "fingerprint": item.fingerprint, "checkpoint": options.checkpoint}
                    for item, out in zip(batch, outputs)]
-        if records:
+        if records and writes:
           store.append(handle, records)
         done += len(records)
         if bar is not None:
@@ -378,7 +388,8 @@ def run_eval(
   loaded = load_benchmark(benchmark, data_path, audio_root, options)
   process_index, process_count = _process_info()
   store = PredictionStore(predictions_dir(out_path, options))
-  predict_share(predictor, loaded.items, store, options, process_index, process_count)
+  predict_share(predictor, loaded.items, store, options, process_index, process_count,
+                getattr(predictor, "group", None))
   if process_count > 1:
     _barrier("alm_jax.eval.runner:predictions")
   if process_index != 0:
