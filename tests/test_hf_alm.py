@@ -101,14 +101,18 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
         p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
 
 
-def reference(family: str, folder: str, seed: int = 0):
-  """A random float32 model of `family` saved in `folder` with its tokenizer; returns (model, tokenizer)."""
+def reference(family: str, folder: str, seed: int = 0, text_overrides: dict | None = None,
+              encoder_overrides: dict | None = None):
+  """A random float32 model of `family` saved in `folder` with its tokenizer; returns (model, tokenizer).
+  The overrides change the decoder's / encoder's config (e.g. head counts a mesh axis divides)."""
   spec = FAMILIES[family]
   tok = make_tokenizer(folder, spec["specials"])
   text = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
               rms_norm_eps=1e-6, tie_word_embeddings=False)
+  text.update(text_overrides or {})
   encoder = dict(spec["encoder"], num_mel_bins=128, max_source_positions=1500)
+  encoder.update(encoder_overrides or {})
   config = spec["config"](audio_config=encoder, text_config=text, **{spec["token_key"]: tok.token_to_id(spec["token"])})
   torch.manual_seed(seed)
   model = spec["model"](config).eval()
