@@ -61,13 +61,20 @@ def mesh_config(stored: Mapping[str, Any] | None, mesh: str | None, overrides: M
 
 
 def inference_dtype(stored: Mapping[str, Any] | None, dtype: str | None) -> str:
-  """`--dtype`, else the compute dtype the checkpoint trained with, else float32."""
+  """`--dtype`, else the compute dtype the checkpoint trained with (a recipe's `train.compute_dtype`), else
+  the dtype of the Hugging Face release it was imported from (`config.json`'s `torch_dtype` / `dtype`:
+  bfloat16 for the released 7B models), else float32."""
   if dtype is not None:
     if dtype not in DTYPES:
       raise ConfigError("--dtype", f"expected one of {DTYPES}, got {dtype!r}")
     return dtype
-  stored_dtype = ((stored or {}).get("train") or {}).get("compute_dtype")
-  return stored_dtype if stored_dtype in DTYPES else "float32"
+  stored = stored or {}
+  hf = (stored.get("hf") or {}).get("config") or {}
+  for candidate in ((stored.get("train") or {}).get("compute_dtype"), hf.get("torch_dtype"), hf.get("dtype"),
+                    (hf.get("text_config") or {}).get("torch_dtype"), (hf.get("text_config") or {}).get("dtype")):
+    if candidate in DTYPES:
+      return candidate
+  return "float32"
 
 
 def load_for_generation(path: str, mesh: str | None = None, dtype: str | None = None,
