@@ -59,6 +59,8 @@ def _bf16_inputs(setup: Setup, clips: list[np.ndarray], text: str) -> dict:
 
 
 def test_parameters_are_restored_in_bf16_without_a_float32_copy_on_device(bf16, monkeypatch):
+  """Every leaf is bf16, and every floating shard placed on a device during the restore already was: a 7B model
+  must not pass through a float32 copy in device memory on its way to bf16."""
   params = bf16.bundle.params
   assert bf16.bundle.dtype == "bfloat16"
   assert {p for p, v in params.items() if v.dtype != jnp.bfloat16} == set()
@@ -81,10 +83,12 @@ def test_parameters_are_restored_in_bf16_without_a_float32_copy_on_device(bf16, 
 
 
 def _prompts() -> list[tuple[str, list[np.ndarray], str]]:
+  """(name, clips, text) of test_hf_alm's prompts, in order: one batch of them is one compiled program."""
   return [(name, *clips_of(name)) for name in PROMPTS]
 
 
 def test_bf16_logits_match_transformers_bf16(bf16):
+  """Logits of every prompt within `REL_BF16` of transformers' bf16 ones, the prompts tokenised alike."""
   prompts = _prompts()
   batch = bf16.generator.encode([user_prompt(text, clips) for _, clips, text in prompts])
   layout = bf16.bundle.layout
