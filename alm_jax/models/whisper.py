@@ -243,6 +243,9 @@ class WhisperEncoder(nnx.Module):
     if mask is not None and mask.shape != (batch, num_frames):
       raise ValueError(f"frame mask of shape {mask.shape} does not match mel frames {(batch, num_frames)}")
 
+    # The encoder computes in its weights' dtype: bf16 weights take the (float32) features rounded to bf16, as
+    # transformers' `input_features.to(conv1.weight.dtype)` does (a no-op for float32 weights).
+    mel = mel.astype(self.conv1.kernel.dtype)
     x = jax.nn.gelu(self.conv1(mel), approximate=False)
     x = jax.nn.gelu(self.conv2(x), approximate=False)
     x = x + self.embed_positions[:frames].astype(x.dtype)
