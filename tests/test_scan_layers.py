@@ -99,3 +99,18 @@ def test_scanned_program_has_one_layer_body_whatever_the_depth():
   scanned = [len(text) for text in scanned]
   assert scanned[1] < 1.3 * scanned[0]  # measured 1.15x (86,882 → 99,854 characters)
   assert unrolled[1] > 3 * unrolled[0]  # measured 3.8x (76,199 → 290,547)
+
+
+def test_a_whisper_without_layers_has_no_zero_size_parameters_and_saves(tmp_path):
+  """Zero layers (the demo's Whisper front end; the other towers need one) is an empty list in both
+  forms: a zero-size stacked parameter could not be saved by Orbax."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  build, cfg, make_input, loss = CASES["whisper"]
+  model = build(dataclasses.replace(cfg, num_layers=0, scan_layers=True))
+  flat = mapping.flat_paths(model)
+  assert flat and all(np.size(v) for v in flat.values())
+  assert not any("layers" in p.split("/") for p in flat)
+  loss(model, make_input())
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", nnx.state(model))

@@ -32,8 +32,10 @@ def build(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: n
   The stacked module is the layer with every parameter widened by a leading
   axis of size `num_layers`, named `layers` in its sharding metadata; each
   layer gets its own random key, so both forms initialise independently.
+  No layers is an empty list either way: a stacked module of zero layers would
+  hold zero-size parameters, which checkpoints cannot save.
   """
-  if not scan:
+  if not scan or num_layers == 0:
     return nnx.List([make_layer(rngs) for _ in range(num_layers)])
   key = rngs.params() if rngs is not None else jax.random.key(0)
   keys = jax.random.split(key, num_layers)
