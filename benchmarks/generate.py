@@ -50,11 +50,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_DEVICES = 8
 # Each mesh row: (label, mesh shape, which batch, logical-rule overrides).
-MESH_ROWS = (
-    ("data parallel", (8, 1, 1), "dp", {}),
-    ("tensor parallel: FFN + vocab (heads whole)", (1, 1, 8), "tp", {"heads": None, "kv_heads": None}),
-    ("tensor parallel: all (Megatron)", (1, 1, 2), "tp", {}),
-)
+MESH_ROWS = {
+    "dp": ("data parallel", (8, 1, 1), "dp", {}),
+    "tp": ("tensor parallel: FFN + vocab (heads whole)", (1, 1, 8), "tp", {"heads": None, "kv_heads": None}),
+    "tp2": ("tensor parallel: all (Megatron)", (1, 1, 2), "tp", {}),
+}
 
 
 def build_models(layers: int):
@@ -246,7 +246,7 @@ def mesh_worker(args) -> None:
     return time.perf_counter() - t0
 
   rows = []
-  for label, shape, which, overrides in MESH_ROWS:
+  for label, shape, which, overrides in (MESH_ROWS[name] for name in args.mesh_rows):
     ids = prompts[which]
     mesh = sharding.make_mesh({"shape": shape}, jax.devices()[: int(np.prod(shape))])
     rules = sharding.make_rules(overrides)
@@ -303,6 +303,7 @@ def main() -> None:
   parser.add_argument("--tp-batch", type=int, default=8, help="batch of the tensor-parallel rows")
   parser.add_argument("--mesh-new", type=int, default=32, help="new tokens per row in the mesh rows")
   parser.add_argument("--mesh-repeats", type=int, default=2)
+  parser.add_argument("--mesh-rows", nargs="+", choices=list(MESH_ROWS), default=list(MESH_ROWS))
   parser.add_argument("--mesh-worker", action="store_true", help=argparse.SUPPRESS)  # the 8-device subprocess
   args = parser.parse_args()
 
@@ -317,7 +318,7 @@ def main() -> None:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={MESH_DEVICES}".strip()
     forwarded = ["--prompt", str(args.prompt), "--layers", str(args.layers), "--dp-batch", str(args.dp_batch),
                  "--tp-batch", str(args.tp_batch), "--mesh-new", str(args.mesh_new), "--mesh-repeats",
-                 str(args.mesh_repeats)]
+                 str(args.mesh_repeats), "--mesh-rows", *args.mesh_rows]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--mesh-worker", *forwarded], env=env,
                           check=False)
     if proc.returncode:
