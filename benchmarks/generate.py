@@ -31,7 +31,7 @@ fewer layers for every mesh row.
 
 Prints Markdown tables.
 
-  python benchmarks/generate.py [--batches 1 8 32] [--new 128] [--repeats 3] [--no-mesh]
+  python benchmarks/generate.py [--batches 1 8 32] [--new 128] [--repeats 3] [--no-mesh] [--mesh-rows dp tp tp2]
 """
 
 from __future__ import annotations
