@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from alm_jax import decode_roofline, roofline
@@ -19,15 +21,17 @@ ROWS, PROMPT, NEW = 8, 32, 4
 
 def test_compile_generate_finds_the_decode_loop_and_its_step(tmp_path):
   # The demo model on 8 CPU devices: the default serving mesh splits its 2 kv heads over `tensor`, rows over
-  # `data`. A subprocess: the CPU device count is fixed when JAX starts.
+  # `data`; a Whisper layer of 3 heads, which 2 does not divide, keeps its heads whole. A subprocess: the CPU
+  # device count is fixed when JAX starts.
   out = tmp_path / "generate.json"
   result = alm_jax("compile", "--mode", "generate", "--config", TINY, "--topology", "cpu:8", "--generate-batch",
                    str(ROWS), "--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--json", str(out),
-                   timeout=300)
+                   "--config.model.whisper.num_layers=1", "--config.model.whisper.num_heads=3", timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads(out.read_text())
   generate = report["generate"]
   assert generate["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2} and "tensor split" in generate["mesh_choice"]
+  assert generate["unsplit"] and all(p.startswith("encoder/whisper/layers/self_attn/") for p in generate["unsplit"])
   decode = generate["decode"]
   assert decode["loop"]["trip_count"] is None and decode["loop"]["source"] == "unknown"
   assert decode["loop"]["op_name"].endswith("/while")
@@ -53,9 +57,20 @@ def test_the_serving_mesh_is_the_largest_tensor_split_every_parameter_divides():
   tiny = load_run_config(TINY)
   layout = gp.generate_layout(tiny.model)
   assert gp.tensor_mesh(layout, tiny.mesh, 8).shape == (4, 1, 2)  # 2 kv heads
-  # Qwen2-Audio: the LLM's 32 heads would take 8, Whisper-large-v3's 20 heads cap the split at 4.
-  qwen = load_run_config(f"{REPO}/configs/qwen2_audio_7b.py")
-  assert gp.tensor_mesh(gp.generate_layout(qwen.model), qwen.mesh, 8).shape == (2, 1, 4)
+  # Qwen2-Audio: the LLM's 32 heads split 8 ways; Whisper-large-v3's 20 heads do not, and stay whole.
+  qwen = load_run_config(f"{REPO}/configs/qwen2_audio_7b.py:full")
+  qwen_layout = gp.generate_layout(qwen.model)
+  serving = gp.tensor_mesh(qwen_layout, qwen.mesh, 8)
+  assert serving.shape == (1, 1, 8)
+  devices = jax.devices()[:1] * 8  # shardings only: 8 stand-ins for one CPU device
+  mesh = jax.sharding.Mesh(np.asarray(devices, dtype=object).reshape(1, 1, 8), ("data", "fsdp", "tensor"))
+  shardings, whole = gp.serving_shardings(qwen_layout, mesh, serving.logical_rules)
+  assert whole and all(p.startswith("encoder/whisper/") and "attn" in p for p in whole)
+  q = "encoder/whisper/layers/self_attn/q_proj/kernel"
+  assert shardings[q].spec[2] is None and shardings["llm/lm_head/kernel"].spec[1] == "tensor"  # heads whole
+  with pytest.raises(ConfigError, match="--mesh: .* does not split LLM parameter"):
+    gp.serving_shardings(gp.generate_layout(tiny.model), jax.sharding.Mesh(
+        np.asarray(devices[:3], dtype=object).reshape(1, 1, 3), ("data", "fsdp", "tensor")), serving.logical_rules)
   assert gp.tensor_mesh(layout, mesh_config_from({"shape": (1, -1, 1)}), 3) is None  # nothing divides by 3
   assert gp.parse_mesh("1,-1,2", 8) == (1, 4, 2)
   with pytest.raises(ConfigError, match="--mesh"):

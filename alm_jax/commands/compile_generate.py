@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 
 MESH_HELP = ("mesh D,F,T (data, fsdp, tensor) for generate mode, e.g. 1,1,8; default: the largest tensor split "
-             "of the chips that every parameter divides, the rest data-parallel (decoding reads every weight per "
+             "of the chips that every LLM parameter divides, the rest data-parallel (decoding reads every weight per "
              "token: over fsdp each chip would all-gather every layer's weights at every step, over tensor it "
              "reads only its shard), else the config's mesh (also used when --config.mesh.shape is given)")
 
@@ -26,6 +26,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:  # pylint: disable=pr
   group.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="parameter and compute dtype (default bfloat16)")
   group.add_argument("--mesh", default=None, help=MESH_HELP)
+  group.add_argument("--dump-hlo", default=None, help="write the compiled program's optimised HLO text here")
 
 
 def run(args: argparse.Namespace, cfg, topology) -> int:
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace, cfg, topology) -> int:
   params = program.args[0]
   print(f"model: {sum(a.size for a in layout.abstract.values()) / 1e9:.3f} B parameters in {shape.dtype}, "
         f"{aot.human_bytes(aot.sharded_bytes(params))} per device")
+  if program.unsplit:
+    print(f"kept whole where the mesh does not divide them (encoders run once per prompt): {len(program.unsplit)} "
+          f"parameters, e.g. {program.unsplit[0]}")
   print(f"generate: {shape.batch} rows x {shape.prompt_tokens} prompt tokens (one clip of <= 30 s each) + "
         f"{shape.new_tokens} new tokens; KV cache of {shape.cache_length} slots; mesh {dict(mesh.shape)} ({why})")
   compiled, report = aot.compile_and_report(
@@ -65,7 +69,10 @@ def run(args: argparse.Namespace, cfg, topology) -> int:
       topology=topology, parameter_shapes=layout.gathered_shapes())
   print(report.format())
   extra = {"generate": {**dataclasses.asdict(shape), "cache_length": shape.cache_length,
-                        "mesh": dict(mesh.shape), "mesh_choice": why}}
+                        "mesh": dict(mesh.shape), "mesh_choice": why, "unsplit": program.unsplit}}
+  if compiled is not None and args.dump_hlo:
+    with open(args.dump_hlo, "w") as f:
+      f.write(compiled.as_text())
   if compiled is not None:
     weight_bytes, left_out = gp.llm_weight_bytes(params)
     itemsize = jnp.dtype(gp.DTYPES[shape.dtype]).itemsize
@@ -101,5 +108,5 @@ def choose_mesh(text: str | None, config, layout, topology):
   if topology.num_slices == 1:
     tensor = gp.tensor_mesh(layout, config, per_slice)
     if tensor is not None:
-      return tensor, f"the largest tensor split every parameter divides: {tensor.shape[2]}"
-  return config, "the config's mesh: no tensor split divides every parameter"
+      return tensor, f"the largest tensor split every LLM parameter divides: {tensor.shape[2]}"
+  return config, "the config's mesh: no tensor split divides every LLM parameter"

@@ -23,7 +23,7 @@ from alm_jax.infer.alm_generate import generate_fn
 from alm_jax.infer.sampling import SamplingConfig
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel
 from alm_jax.models.llm import LLMConfig
-from alm_jax.models.partitioning import Rules, logical_to_spec
+from alm_jax.models.partitioning import Rules, divisible_spec, logical_to_spec
 from alm_jax.params import ParamLayout
 from alm_jax.sharding import MeshConfig, batch_shard_count, resolve_shape
 
@@ -60,6 +60,7 @@ class AbstractGenerateProgram:
   in_shardings: tuple
   layout: ParamLayout
   shape: GenerateShape
+  unsplit: list[str] = dataclasses.field(default_factory=list)  # parameters kept whole along some mesh axis
 
 
 def generate_layout(model_cfg: ALMConfig) -> ParamLayout:
@@ -70,30 +71,53 @@ def generate_layout(model_cfg: ALMConfig) -> ParamLayout:
 
 
 def tensor_mesh(layout: ParamLayout, config: MeshConfig, num_devices: int) -> MeshConfig | None:
-  """The mesh for serving: the largest `tensor` split of one slice's devices that every parameter divides,
+  """The mesh for serving: the largest `tensor` split of one slice's devices that every LLM parameter divides,
   the rest as `data` (weights replicated, rows split); None when no split above 1 divides.
 
-  Decoding reads every weight once per token. Over `fsdp` each device all-gathers every layer's weights
-  at every step (the whole model through each chip's links per token); over `tensor` each device reads
-  only its shard and exchanges activations (a few KiB per row). `data` costs memory (a weight copy per
-  group), not traffic. The mesh axes of the config's rules decide what `tensor` splits (heads, kv heads,
-  MLP width, vocabulary in the defaults); a tower with an odd head count (Whisper-large's 20) caps it.
+  Decoding reads every LLM weight once per token. Over `fsdp` each device all-gathers every layer's
+  weights at every step (the whole model through each chip's links per token); over `tensor` each device
+  reads only its shard and exchanges activations (a few KiB per row). `data` costs memory (a weight copy
+  per group), not traffic. The config's rules decide what `tensor` splits (heads, kv heads, MLP width,
+  vocabulary in the defaults). The encoders run once per prompt, so a tower the split does not divide
+  (Whisper-large's 20 heads over 8) keeps those dimensions whole (`serving_shardings`) rather than cap it.
   """
+  llm = {p: a for p, a in layout.abstract.items() if p.startswith("llm/")}
   for tensor in sorted((t for t in range(2, num_devices + 1) if num_devices % t == 0), reverse=True):
     candidate = dataclasses.replace(config, shape=(num_devices // tensor, 1, tensor), dcn_shape=(1, 1, 1))
-    if _divides(layout, {"data": num_devices // tensor, "fsdp": 1, "tensor": tensor}, candidate.logical_rules):
+    sizes = {"data": num_devices // tensor, "fsdp": 1, "tensor": tensor}
+    if not _uneven(layout, llm, sizes, candidate.logical_rules):
       return candidate
   return None
 
 
-def _divides(layout: ParamLayout, mesh_shape: dict[str, int], rules: Rules) -> bool:
-  """Whether every parameter dimension splits evenly over the mesh axes the rules give it."""
-  for path, abstract in layout.abstract.items():
+def _uneven(layout: ParamLayout, params: dict[str, Any], mesh_shape: dict[str, int], rules: Rules) -> list[str]:
+  """`path (dims)` of each parameter with a dimension its mesh axes do not split evenly."""
+  out = []
+  for path, abstract in params.items():
     for dim, entry in zip(abstract.shape, layout.spec(path, rules)):
       names = (entry,) if isinstance(entry, str) else (entry or ())
       if dim % math.prod(mesh_shape[n] for n in names):
-        return False
-  return True
+        out.append(f"{path} {tuple(abstract.shape)}")
+        break
+  return out
+
+
+def serving_shardings(layout: ParamLayout, mesh: Mesh, rules: Rules) -> tuple[dict[str, NamedSharding], list[str]]:
+  """Each parameter split as the rules say, less the mesh axes that do not divide a dimension (it stays whole
+  there); and the paths that lost a split. Every LLM parameter must split evenly (its weights are read at every
+  decode step): a `ConfigError` names `--mesh` otherwise."""
+  llm = {p: a for p, a in layout.abstract.items() if p.startswith("llm/")}
+  bad = _uneven(layout, llm, dict(mesh.shape), rules)
+  if bad:
+    raise ConfigError("--mesh", f"{dict(mesh.shape)} does not split LLM parameter {bad[0]} evenly")
+  shardings, whole = {}, []
+  for path, abstract in layout.abstract.items():
+    spec = layout.spec(path, rules)
+    even = divisible_spec(abstract.shape, spec, mesh)
+    if tuple(even) != tuple(spec) + (None,) * (len(even) - len(spec)):
+      whole.append(path)
+    shardings[path] = NamedSharding(mesh, even)
+  return shardings, whole
 
 
 def parse_mesh(text: str, num_devices: int) -> tuple[int, int, int]:
@@ -128,14 +152,15 @@ def generate_batch(model_cfg: ALMConfig, data_cfg: DataConfig, shape: GenerateSh
 def abstract_generate_program(model_cfg: ALMConfig, data_cfg: DataConfig, mesh: Mesh, rules: Rules,
                               shape: GenerateShape, layout: ParamLayout | None = None,
                               sampling: SamplingConfig = SamplingConfig(), pad_id: int = 0) -> AbstractGenerateProgram:
-  """`generate_fn(layout, ...)` with params in `shape.dtype` (floating leaves; as served), the batch split over
-  the logical `batch` axis, and the seed and stop ids replicated: the jit the generator makes."""
+  """`generate_fn(layout, ...)` with params in `shape.dtype` (floating leaves; as served) split by
+  `serving_shardings`, the batch split over the logical `batch` axis, and the seed and stop ids replicated:
+  the jit the generator makes."""
   layout = layout or generate_layout(model_cfg)
-  layout.check_divisible(mesh, rules)
   dtype = DTYPES[shape.dtype]
+  shardings, whole = serving_shardings(layout, mesh, rules)
   params = {p: jax.ShapeDtypeStruct(a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
-                                    sharding=a.sharding)
-            for p, a in layout.abstract_sharded(mesh, rules).items()}
+                                    sharding=shardings[p])
+            for p, a in layout.abstract.items()}
   batch = generate_batch(model_cfg, data_cfg, shape, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   seed = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)
@@ -143,7 +168,7 @@ def abstract_generate_program(model_cfg: ALMConfig, data_cfg: DataConfig, mesh: 
   fn = generate_fn(layout, max_new_tokens=shape.new_tokens, sampling=sampling, pad_id=pad_id)
   shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
   in_shardings = (shardings(params), shardings(batch), replicated, replicated)
-  return AbstractGenerateProgram(fn, (params, batch, seed, stops), in_shardings, layout, shape)
+  return AbstractGenerateProgram(fn, (params, batch, seed, stops), in_shardings, layout, shape, whole)
 
 
 def kv_cache_shapes(llm: LLMConfig, shape: GenerateShape, mesh: Mesh, rules: Rules) -> tuple[
