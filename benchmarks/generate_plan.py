@@ -62,11 +62,15 @@ def compile_one(program: str, extra: list[str], timeout: float) -> Row:
 
 COLUMNS = ("recipe", "topology", "mesh (D,F,T)", "fits", "HBM GiB/chip (args + temps)", "compile s",
            "decode step ms, analytic", "decode step ms, compiled body", "ratio", "tokens/s/chip (analytic / compiled)",
-           "bound (compiled)", "KV cache")
+           "bound (compiled)", "prefill s (compiled)", "KV cache")
 
 
 def _ms(seconds: float | None) -> str:
   return "?" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _seconds(value: float | None) -> str:
+  return "?" if value is None else f"{value:.2f}"
 
 
 def _rate(value: float | None) -> str:
@@ -92,7 +96,7 @@ def table_row(row: Row) -> list[str]:
   ratio = decode.get("ratio")
   return cells + [_ms(analytic["seconds"]), _ms(step.get("seconds")), "?" if ratio is None else f"{ratio:.2f}",
                   f"{_rate(analytic['tokens_per_s_per_chip'])} / {_rate(decode.get('tokens_per_s_per_chip'))}",
-                  str(step.get("bound")), decode["kv_cache"]["verdict"]]
+                  str(step.get("bound")), _seconds(decode["prefill"].get("seconds")), decode["kv_cache"]["verdict"]]
 
 
 def table(rows: list[Row]) -> str:
@@ -120,14 +124,19 @@ def main() -> None:
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per compile before giving up")
   parser.add_argument("--write-docs", action="store_true", help="put the table into docs/scaling.md")
   parser.add_argument("--json", default=None, help="also write every report here")
+  parser.add_argument("--from-json", default=None, help="no compiles: the table of the reports a --json run wrote")
   args, extra = parser.parse_known_args()  # the rest go to `alm-jax compile` (e.g. --generate-batch 32)
 
   rows = []
-  for program in args.programs:  # one at a time: each 7B compile takes ~4 GB and a core for minutes
+  if args.from_json:
+    with open(args.from_json) as f:
+      rows = [Row(**row) for row in json.load(f)]
+  # One at a time: each 7B compile takes ~4 GB and a core for minutes.
+  for program in [] if args.from_json else args.programs:
     row = compile_one(program, extra, args.timeout)
     print(f"{program}: exit {row.status}, {row.wall_seconds:.0f} s wall {row.note}", flush=True)
     rows.append(row)
-  if args.json:
+  if args.json and not args.from_json:
     with open(args.json, "w") as f:
       json.dump([dataclasses.asdict(row) for row in rows], f, indent=1, default=str)
   shape = " ".join(extra) or "64 rows x 1024 prompt tokens + 256 new tokens, bf16"
