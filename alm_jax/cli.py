@@ -28,7 +28,8 @@ COMMANDS = {
     "import-hf": "Convert a Hugging Face model folder into an alm_jax checkpoint.",
     "export-hf": "Write an alm_jax checkpoint as a Hugging Face model folder.",
     "data": "Data tools: build the synthetic corpus, pack manifests into ArrayRecord.",
-    "compile": "Compile the train step ahead of time for a device topology; print memory and collectives.",
+    "compile": "Compile the train step (or the generation program) ahead of time for a device topology; print "
+               "memory, collectives and a roofline.",
 }
 
 

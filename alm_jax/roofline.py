@@ -348,10 +348,13 @@ def trip_count(module: Module, caller: Computation, loop: Instruction) -> tuple[
   return (count, "induction variable") if count is not None else (None, "unknown")
 
 
-def multipliers(module: Module) -> tuple[dict[str, float], set[str], list[Loop]]:
-  """How many times each computation runs per run of the program, which computations are fusion bodies,
-  and every while loop found. Computations the entry never reaches (reducers) are absent."""
-  edges: dict[str, list[tuple[str, float, bool]]] = {}
+Edges = dict[str, list[tuple[str, float, bool]]]  # caller -> (callee, runs per caller run, fused?)
+
+
+def call_graph(module: Module) -> tuple[Edges, list[Loop]]:
+  """Which computations each computation runs, how often per run of it, and whether fused; and every
+  while loop in the module (reachable or not)."""
+  edges: Edges = {}
   loops = []
   for comp in module.computations.values():
     out = edges.setdefault(comp.name, [])
@@ -365,27 +368,72 @@ def multipliers(module: Module) -> tuple[dict[str, float], set[str], list[Loop]]
         out += [(c, float(n + 1 if n is not None else 1), False) for c in _called(inst, "condition")]
       else:
         out += [(c, 1.0, fused) for c, fused in _callees(inst)]
-  order = _callers_first(module.entry, edges)
-  counts: dict[str, float] = {module.entry: 1.0}
+  return edges, loops
+
+
+def multipliers(module: Module, root: str | None = None) -> tuple[dict[str, float], set[str], list[Loop]]:
+  """How many times each computation runs per run of `root` (default: the entry, i.e. per run of the
+  program), which computations are fusion bodies, and the while loops inside `root`'s subtree.
+  Computations `root` never reaches (reducers, everything outside a subtree) are absent.
+
+  `root` may be any computation, e.g. a loop body (`Loop.body`): the counts are then per iteration.
+  """
+  root = root or module.entry
+  if root not in module.computations:
+    raise KeyError(f"no computation named {root!r} in the module")
+  edges, loops = call_graph(module)
+  order = _callers_first(root, edges)
+  counts: dict[str, float] = {root: 1.0}
   fused: set[str] = set()
   for name in order:
     for callee, factor, is_fused in edges.get(name, []):
       counts[callee] = counts.get(callee, 0.0) + counts.get(name, 0.0) * factor
       if is_fused:
         fused.add(callee)
-  return counts, fused, loops
+  return counts, fused, [loop for loop in loops if loop.computation in counts]
 
 
-def _callers_first(entry: str, edges: Mapping[str, list[tuple[str, float, bool]]]) -> list[str]:
-  """The computations reachable from `entry`, each after every computation that calls it."""
-  reachable, stack = {entry}, [entry]
+def reachable(edges: Edges, start: str) -> set[str]:
+  """The computations `start` runs, directly or through others (itself included)."""
+  seen, stack = {start}, [start]
   while stack:
     for callee, _, _ in edges.get(stack.pop(), []):
-      if callee not in reachable:
-        reachable.add(callee)
+      if callee not in seen:
+        seen.add(callee)
         stack.append(callee)
-  pending = {name: 0 for name in reachable}
-  for name in reachable:
+  return seen
+
+
+class LoopNotFound(ValueError):
+  """No single loop answers the question (none, or several candidates): the message lists what was found."""
+
+
+def outermost_unknown_loop(module: Module) -> Loop:
+  """The one while loop, reachable from the entry, whose trip count is unknown and which no other such
+  loop contains: a generation program's decode loop (`step < max_new & ~all(done)` is data-dependent,
+  while the layer scans inside it have constant counts). Raises `LoopNotFound` when there is none, or
+  more than one (the message names them), rather than guess.
+  """
+  edges, _ = call_graph(module)
+  _, _, loops = multipliers(module)
+  unknown = [loop for loop in loops if loop.trip_count is None]
+  inside = {loop.name: reachable(edges, loop.body) for loop in unknown}
+  outer = [loop for loop in unknown
+           if not any(other is not loop and loop.computation in inside[other.name] for other in unknown)]
+  if len(outer) == 1:
+    return outer[0]
+  described = "; ".join(f"{loop.name} in {loop.computation} ({loop.op_name or 'no op_name'})" for loop in outer)
+  if not outer:
+    known = ", ".join(f"{loop.name}: {loop.trip_count}" for loop in loops) or "none"
+    raise LoopNotFound(f"no while loop with an unknown (data-dependent) trip count; loops found: {known}")
+  raise LoopNotFound(f"{len(outer)} outermost loops with unknown trip counts, cannot tell which decodes: {described}")
+
+
+def _callers_first(entry: str, edges: Edges) -> list[str]:
+  """The computations reachable from `entry`, each after every computation that calls it."""
+  below = reachable(edges, entry)
+  pending = {name: 0 for name in below}
+  for name in below:
     for callee, _, _ in edges.get(name, []):
       if callee in pending:
         pending[callee] += 1
@@ -664,12 +712,24 @@ class Roofline:
         if self.mfu is not None else ""
     lines += [f"  on {p.name} ({p.flops_per_s / 1e12:g} TFLOP/s, HBM {p.hbm_bytes_per_s / 1e9:g} GB/s, "
               f"ICI {p.ici_bytes_per_s / 1e9:g} GB/s per chip):",
-              f"    compute {_duration(self.compute_seconds)}, memory {_duration(self.memory_seconds)}, "
-              f"collectives {_duration(self.collective_seconds)}",
-              f"    step >= {_duration(self.seconds)} ({self.bound}-bound, perfect overlap); "
-              f"{_duration(self.serial_seconds)} with no overlap",
+              f"    compute {duration(self.compute_seconds)}, memory {duration(self.memory_seconds)}, "
+              f"collectives {duration(self.collective_seconds)}",
+              f"    step >= {duration(self.seconds)} ({self.bound}-bound, perfect overlap); "
+              f"{duration(self.serial_seconds)} with no overlap",
               f"    implied HFU {self.hfu:.1%} (counted FLOPs){mfu}"]
     return "\n".join(lines)
+
+  def minus(self, part: Roofline) -> Roofline:
+    """This roofline less `part` of it (a subtree's, from `analyse_hlo(root=...)`): FLOPs, HBM and collective
+    bytes subtracted, e.g. a generation program less one decode step is its prefill. No model FLOPs."""
+    kinds = set(self.collectives) | set(part.collectives)
+    zero = CollectiveTraffic()
+    collectives = {k: CollectiveTraffic(*(a - b for a, b in zip(dataclasses.astuple(self.collectives.get(k, zero)),
+                                                                 dataclasses.astuple(part.collectives.get(k, zero)))))
+                   for k in sorted(kinds)}
+    loops = tuple(loop for loop in self.loops if loop not in part.loops)
+    return Roofline(flops=self.flops - part.flops, hbm_bytes=self.hbm_bytes - part.hbm_bytes,
+                    collectives=collectives, peaks=self.peaks, loops=loops)
 
   def to_dict(self) -> dict:
     """JSON-friendly form, with the derived times."""
@@ -696,7 +756,7 @@ def _utilisation(flops: float | None, seconds: float | None, peaks: ChipPeaks | 
   return flops / seconds / peaks.flops_per_s
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
   """`1.23 s`, `45.6 ms` or `7.8 us`."""
   if seconds is None:
     return "?"
@@ -705,11 +765,13 @@ def _duration(seconds: float | None) -> str:
   return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
-def collective_traffic(hlo_text: str, counts: Mapping[str, float], num_devices: int) -> dict[str, CollectiveTraffic]:
-  """Collectives per kind (`aot.collective_ops`), each times how often its computation runs."""
+def collective_traffic(hlo_text: str, counts: Mapping[str, float], num_devices: int,
+                       outside: float = 1.0) -> dict[str, CollectiveTraffic]:
+  """Collectives per kind (`aot.collective_ops`), each times how often its computation runs (`counts`);
+  one in a computation `counts` lacks runs `outside` times (0 for a subtree: it is not part of it)."""
   totals = {kind: [0.0, 0.0, 0.0] for kind in aot.COLLECTIVES}
   for op in aot.collective_ops(hlo_text):
-    runs = counts.get(op.computation, 1.0)
+    runs = counts.get(op.computation, outside)
     n = op.group_size or num_devices
     t = totals[op.kind]
     t[0] += runs
@@ -720,10 +782,14 @@ def collective_traffic(hlo_text: str, counts: Mapping[str, float], num_devices: 
 
 def analyse_hlo(hlo_text: str, num_devices: int = 1, peaks: ChipPeaks | None = None,
                 model_flops: float | None = None, model_flops_source: str = "",
-                cost_analysis_flops: float | None = None) -> Roofline:
-  """The roofline of one optimised SPMD program (`compiled.as_text()`), per device."""
+                cost_analysis_flops: float | None = None, root: str | None = None) -> Roofline:
+  """The roofline of one optimised SPMD program (`compiled.as_text()`), per device.
+
+  `root`: only the subtree of that computation, per run of it (a loop body: one iteration, its own inner
+  loops counted by their trip counts); the default is the whole program (the entry).
+  """
   module = parse_module(hlo_text)
-  counts, fused, loops = multipliers(module)
+  counts, fused, loops = multipliers(module, root)
   flops, hbm = 0.0, 0.0
   for name, runs in counts.items():
     comp = module.computations.get(name)
@@ -732,9 +798,9 @@ def analyse_hlo(hlo_text: str, num_devices: int = 1, peaks: ChipPeaks | None = N
     flops += runs * sum(instruction_flops(comp, inst) for inst in comp.instructions)
     if name not in fused:
       hbm += runs * sum(instruction_bytes(module, comp, inst) for inst in comp.instructions)
-  return Roofline(flops=flops, hbm_bytes=hbm, collectives=collective_traffic(hlo_text, counts, num_devices),
-                  peaks=peaks, model_flops=model_flops, model_flops_source=model_flops_source,
-                  cost_analysis_flops=cost_analysis_flops, loops=tuple(loops))
+  collectives = collective_traffic(hlo_text, counts, num_devices, outside=1.0 if root is None else 0.0)
+  return Roofline(flops=flops, hbm_bytes=hbm, collectives=collectives, peaks=peaks, model_flops=model_flops,
+                  model_flops_source=model_flops_source, cost_analysis_flops=cost_analysis_flops, loops=tuple(loops))
 
 
 def cost_analysis_flops(compiled: Any) -> float | None:

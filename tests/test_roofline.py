@@ -301,3 +301,114 @@ def test_a_custom_calls_multiline_backend_config_does_not_end_its_computation():
   r = roofline.analyse_hlo(MULTILINE_CONFIG_LOOP)
   assert [(loop.trip_count, loop.source) for loop in r.loops] == [(7, "induction variable")]
   assert r.flops == 7 * 2 * 8 * 8 * 8
+
+
+# ----------------------------------------------------------------------------
+# Subtrees: one decode step of a generation-like program.
+
+PREFIX_FLOPS = 2 * B * D * D  # the one matmul before the loop (a "prefill")
+
+
+def decode_like(layers: int, loops: int = 1, nested: bool = False):
+  """A matmul, then `loops` while loops stopping on a data-dependent condition, each body a scan of `layers`
+  matmul layers (`nested`: the body also runs a data-dependent loop of its own)."""
+
+  def fn(w0, ws, x, limit):
+    h = jnp.tanh(x @ w0)
+    for _ in range(loops):
+      def body(state):
+        i, h = state
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, ws)
+        if nested:
+          h = jax.lax.while_loop(lambda h: jnp.sum(h) < limit, lambda h: h * 2.0, h)
+        return i + 1, h
+
+      _, h = jax.lax.while_loop(lambda s: (s[0] < 100) & (jnp.sum(s[1]) < limit), body, (jnp.int32(0), h))
+    return h
+
+  args = (jax.ShapeDtypeStruct((D, D), jnp.float32), jax.ShapeDtypeStruct((layers, D, D), jnp.float32),
+          jax.ShapeDtypeStruct((B, D), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+  return fn, args
+
+
+def test_the_decode_loop_is_the_outermost_loop_of_unknown_count_and_its_body_a_subtree():
+  layers = 5
+  text = compile_cpu(*decode_like(layers)).as_text()
+  module = roofline.parse_module(text)
+  loop = roofline.outermost_unknown_loop(module)
+  assert loop.trip_count is None and loop.source == "unknown" and loop.body in module.computations
+  whole = roofline.analyse_hlo(text)
+  step = roofline.analyse_hlo(text, root=loop.body)
+  # One iteration: the inner layer scan counted by its trip count; the matmul before the loop left out.
+  assert step.flops == layers * LAYER_FLOPS
+  assert [(inner.trip_count, inner.source) for inner in step.loops] == [(layers, "known_trip_count")]
+  assert whole.flops == PREFIX_FLOPS + layers * LAYER_FLOPS  # the unknown loop counted once
+  assert 0 < step.hbm_bytes < whole.hbm_bytes
+  prefill = whole.minus(step)
+  assert prefill.flops == PREFIX_FLOPS and prefill.hbm_bytes == whole.hbm_bytes - step.hbm_bytes
+  counts, _, _ = roofline.multipliers(module, root=loop.body)
+  assert counts[loop.body] == 1.0 and module.entry not in counts and loop.computation not in counts
+  with pytest.raises(KeyError, match="no computation named"):
+    roofline.multipliers(module, root="nowhere")
+
+
+def test_a_nested_unknown_loop_is_not_the_decode_loop():
+  text = compile_cpu(*decode_like(3, nested=True)).as_text()
+  module = roofline.parse_module(text)
+  _, _, loops = roofline.multipliers(module)
+  assert sorted(loop.trip_count is None for loop in loops) == [False, True, True]
+  loop = roofline.outermost_unknown_loop(module)
+  assert loop.computation == module.entry
+  step = roofline.analyse_hlo(text, root=loop.body)
+  assert step.flops == 3 * LAYER_FLOPS and len(step.unknown_loops) == 1  # the inner one, inside the step
+
+
+def test_no_or_several_candidate_decode_loops_raise():
+  two = roofline.parse_module(compile_cpu(*decode_like(2, loops=2)).as_text())
+  with pytest.raises(roofline.LoopNotFound, match="2 outermost loops with unknown trip counts"):
+    roofline.outermost_unknown_loop(two)
+  none = roofline.parse_module(compile_cpu(*scanned_stack(4)).as_text())
+  with pytest.raises(roofline.LoopNotFound, match="no while loop with an unknown"):
+    roofline.outermost_unknown_loop(none)
+
+
+DECODE_COLLECTIVES = """HloModule m
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8] get-tuple-element(%p), index=1
+  %r = f32[8,8] all-reduce(%x), replica_groups={{0,1,2,3}}, to_apply=%add
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,8]) tuple(%next, %r)
+}
+
+%cond (q: (s32[], f32[8,8])) -> pred[] {
+  %q = (s32[], f32[8,8]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %y = f32[8,8] get-tuple-element(%q), index=1
+  %n = s32[] convert(%y)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,8]) -> (s32[], f32[8,8]) {
+  %a = f32[8,8] parameter(0)
+  %g = f32[32,8] all-gather(%a), replica_groups={{0,1,2,3}}, dimensions={0}
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]) tuple(%zero, %a)
+  ROOT %w = (s32[], f32[8,8]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_subtree_counts_only_its_own_collectives():
+  module = roofline.parse_module(DECODE_COLLECTIVES)
+  loop = roofline.outermost_unknown_loop(module)
+  assert loop.name == "w" and loop.body == "body"
+  step = roofline.analyse_hlo(DECODE_COLLECTIVES, num_devices=4, root=loop.body)
+  assert step.collectives["all-gather"].count == 0 and step.collectives["all-reduce"].count == 1
+  assert step.collective_bytes == pytest.approx(8 * 8 * 4 * 2 * 3 / 4)
+  whole = roofline.analyse_hlo(DECODE_COLLECTIVES, num_devices=4)
+  assert whole.collectives["all-gather"].count == 1 and whole.collectives["all-reduce"].count == 1
+  assert whole.minus(step).collectives["all-reduce"].count == 0

@@ -1,6 +1,7 @@
 """`alm-jax compile --config C --topology v5p:4x4x4`: compile the real train step ahead of time for a
 device topology (no such devices needed) and print per-device memory, collectives and a roofline estimate
-of the step's time (`alm_jax.roofline`).
+of the step's time (`alm_jax.roofline`). `--mode generate` compiles the generation program instead (prefill
+and while-loop decode, `alm_jax.commands.compile_generate`) and adds the decode step's time.
 
 A program that does not fit (the compiler runs out of device memory, or the total exceeds `--hbm-gib`)
 is a report like any other, with what is known of its memory and a 1-row-per-device stand-in showing
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no-stand-in", action="store_true",
                       help="when the program does not fit, do not compile the 1-row-per-device stand-in")
   parser.add_argument("--json", default=None, help="also write the report as JSON here")
+  parser.add_argument("--mode", choices=("train", "generate"), default="train",
+                      help="train: the config's train step; generate: the generation program (features, encoders, "
+                      "bridge, prefill, while-loop decode) the generator runs, with the decode step's roofline")
+  from alm_jax.commands import compile_generate  # pylint: disable=import-outside-toplevel
+
+  compile_generate.add_arguments(parser.add_argument_group("--mode generate"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
   from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
+  if args.mode == "generate":
+    from alm_jax.commands import compile_generate  # pylint: disable=import-outside-toplevel
+
+    return compile_generate.run(args, cfg, topology)
   devices = aot.topology_devices(topology)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices=devices)
   rules = cfg.mesh.logical_rules

@@ -81,7 +81,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
 
 
-def _divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
   """`spec` with mesh axes dropped (last first) from every dimension they do not divide evenly."""
   out = []
   for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -110,7 +110,7 @@ def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], axes: Seq
   if context is None:
     return fn(*args)
   mesh, rules = context
-  in_specs = tuple(_divisible_spec(a.shape, logical_to_spec(ax, rules), mesh) for a, ax in zip(args, axes))
+  in_specs = tuple(divisible_spec(a.shape, logical_to_spec(ax, rules), mesh) for a, ax in zip(args, axes))
   by_name = {}
   for spec, ax in zip(in_specs, axes):
     for name, entry in zip(ax, spec):
