@@ -14,7 +14,7 @@ ALLOWED = {
     "models": {"errors", "config", "audio"},
     "data": {"errors", "config", "audio", "models"},
     "checkpoints": {"errors", "config", "audio", "models", "sharding", "params", "data"},
-    "infer": {"errors", "config", "audio", "models", "sharding", "params", "data", "checkpoints"},
+    "infer": {"errors", "config", "audio", "models", "sharding", "params", "distributed", "data", "checkpoints"},
     "eval": {"errors", "config", "audio", "models", "data", "infer"},
 }
 

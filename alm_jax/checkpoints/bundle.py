@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,8 @@ def model_config_of(metadata: ckpt_lib.CheckpointMetadata, source: str) -> tuple
 
 
 def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = None,
-                overrides: dict[str, Any] | None = None, dtype: str = "float32") -> ModelBundle:
+                overrides: dict[str, Any] | None = None, dtype: str = "float32",
+                shardings: Callable[[ParamLayout, Mesh, Rules], dict[str, Any]] | None = None) -> ModelBundle:
   """Loads config, tokenizer and parameters, restored straight into their shards on `mesh`.
 
   Parameters are placed by the training rules (`rules`; default one device): Orbax reads on each host
@@ -77,7 +78,8 @@ def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = No
   whole model. `dtype` ("float32" or "bfloat16") is the floating dtype they are restored in (the
   model then computes in it). `overrides` replace model config fields that do not change parameter
   shapes (flat fields such as `trim_padding`). `path` may be relative to the current directory or
-  start with `~`; `ModelBundle.source` is its absolute form.
+  start with `~`; `ModelBundle.source` is its absolute form. `shardings(layout, mesh, rules)` places the
+  parameters instead of the training rules (generation's `serving_shardings`).
   """
   path = str(ckpt_lib.absolute(path))
   if not os.path.exists(path):
@@ -102,8 +104,13 @@ def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = No
     from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
     rules = sharding_lib.MeshConfig().logical_rules
-  layout.check_divisible(mesh, rules)
-  target = {p: _with_float_dtype(a, FLOAT_DTYPES[dtype]) for p, a in layout.abstract_sharded(mesh, rules).items()}
+  if shardings is None:
+    layout.check_divisible(mesh, rules)
+    placed = layout.shardings(mesh, rules)
+  else:
+    placed = shardings(layout, mesh, rules)
+  target = {p: _with_float_dtype(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed[p]), FLOAT_DTYPES[dtype])
+            for p, a in layout.abstract.items()}
   params = ckpt_lib.restore_params_only(path, target)
   return ModelBundle(model_cfg, template, tokenizer, layout, params, metadata.step, path, mesh, rules, dtype)
 

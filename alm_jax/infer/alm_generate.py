@@ -102,7 +102,8 @@ class ALMGenerator:
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, logical_to_spec(("batch", None), rules))
     self._answer = jax.jit(sharding_lib.bind_rules(fn, mesh, rules),
-                           in_shardings=(bundle.layout.shardings(mesh, rules), None, replicated, replicated),
+                           in_shardings=({p: v.sharding for p, v in bundle.params.items()}, None, replicated,
+                                         replicated),
                            out_shardings=GenerateOutput(rows, NamedSharding(mesh, logical_to_spec(("batch",), rules))))
     self._replicated = replicated
 

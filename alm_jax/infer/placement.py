@@ -25,8 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   """`--mesh` and `--dtype` for commands that load a model to generate with."""
   parser.add_argument("--mesh", default=None,
                       help="mesh shape data,fsdp,tensor over all devices of all processes, one size may be -1 "
-                           "(default: the checkpoint's config.mesh, as trained); e.g. -1,1,1 = every device holds "
-                           "the model and answers its share of prompts, 1,1,-1 = weights and heads split")
+                           "(default: the largest tensor split of each host's devices that the decoder divides, "
+                           "hosts on data, as `alm-jax compile --mode generate`; else the checkpoint's config.mesh); "
+                           "e.g. -1,1,1 = every device holds the model and answers its share of prompts, "
+                           "1,1,-1 = weights and heads split")
   parser.add_argument("--dtype", default=None, choices=DTYPES,
                       help="parameter and compute dtype (default: the checkpoint's train.compute_dtype)")
 
@@ -83,11 +85,35 @@ def load_for_generation(path: str, mesh: str | None = None, dtype: str | None = 
   from `--dtype` / its compute dtype; parameters restored straight into their shards."""
   from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from alm_jax.checkpoints.bundle import load_bundle, stored_config  # pylint: disable=import-outside-toplevel
+  from alm_jax.infer import generate_program  # pylint: disable=import-outside-toplevel
 
   stored = stored_config(path)
   config = mesh_config(stored, mesh, overrides)
+  if mesh is None and stored.get("model"):
+    config = serving_mesh(stored, config)
+  serving = lambda layout, m, rules: generate_program.serving_shardings(layout, m, rules)[0]
   return load_bundle(path, mesh=sharding_lib.make_mesh(config), rules=config.logical_rules,
-                     dtype=inference_dtype(stored, dtype))
+                     dtype=inference_dtype(stored, dtype), shardings=serving)
+
+
+def serving_mesh(stored: Mapping[str, Any], config: Any) -> Any:
+  """Without `--mesh`: the largest `tensor` split of each host's devices that every LLM parameter divides,
+  hosts (and the rest of each host) on `data` — the mesh `alm-jax compile --mode generate` picks, since
+  decoding over `fsdp` re-gathers every weight at every token; the checkpoint's `config.mesh` when no split
+  divides (or on one device)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from alm_jax.config import from_dict  # pylint: disable=import-outside-toplevel
+  from alm_jax.infer import generate_program  # pylint: disable=import-outside-toplevel
+  from alm_jax.models.alm import ALMConfig  # pylint: disable=import-outside-toplevel
+
+  layout = generate_program.generate_layout(from_dict(ALMConfig, stored["model"], "checkpoint.model"))
+  candidate = generate_program.tensor_mesh(layout, config, jax.local_device_count())
+  if candidate is None:
+    return config
+  if jax.process_count() > 1:
+    candidate = dataclasses.replace(candidate, dcn_shape=(jax.process_count(), 1, 1))
+  return candidate
 
 
 @dataclasses.dataclass(frozen=True)
