@@ -86,6 +86,9 @@ class KVCacheCheck:
     return "not found in the loop state at its per-device size"
 
 
+DECODE_FLOPS_SOURCE = "2·N·rows per decode step, N = LLM parameters less the input embedding"
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeReport:
   """A generation program's decode: its loop, the compiled step's roofline, and the analytic estimate."""
@@ -162,14 +165,17 @@ class DecodeReport:
 
 
 def decode_report(hlo_text: str, whole: roofline.Roofline, *, batch: int, new_tokens: int, num_devices: int,
-                  weight_bytes: int, kv_cache: KVCache, left_out: tuple[str, ...] = ()) -> DecodeReport:
+                  weight_bytes: int, kv_cache: KVCache, left_out: tuple[str, ...] = (),
+                  llm_parameters: int | None = None) -> DecodeReport:
   """Finds the decode loop of a compiled generation program (`compiled.as_text()`, whose whole-program
   roofline is `whole`) and sets the roofline of its body beside the analytic estimate from `weight_bytes`
   (LLM weights one device reads per step) and `kv_cache`. Raises `roofline.LoopNotFound` when the loop is
-  not unique."""
+  not unique. With `llm_parameters` (N, less the input embedding) the step's MFU counts 2·N FLOPs per row."""
   module = roofline.parse_module(hlo_text)
   loop = roofline.outermost_unknown_loop(module)
-  step = roofline.analyse_hlo(hlo_text, num_devices, whole.peaks, root=loop.body)
+  model_flops = 2.0 * llm_parameters * batch / max(num_devices, 1) if llm_parameters else None
+  step = roofline.analyse_hlo(hlo_text, num_devices, whole.peaks, model_flops=model_flops,
+                              model_flops_source=DECODE_FLOPS_SOURCE if model_flops else "", root=loop.body)
   analytic = AnalyticDecode(batch, num_devices, weight_bytes, kv_cache.device_bytes, whole.peaks, tuple(left_out))
   state = module.computations[loop.computation].by_name[loop.name].shape
   sizes = [math.prod(dims) for _, dims in aot._arrays(state)]  # pylint: disable=protected-access

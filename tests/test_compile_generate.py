@@ -42,6 +42,8 @@ def test_compile_generate_finds_the_decode_loop_and_its_step(tmp_path):
   assert decode["prefill"]["flops"] == pytest.approx(whole["flops"] - step["flops"])
   # One step runs the 3 scanned layers once each: the LLM's layer scan inside the body, by its trip count.
   assert [loop["trip_count"] for loop in step["loops"]] == [3]
+  # Decode MFU's model FLOPs: 2·N per row per step over the devices, N = the decoder (tied: embedding included).
+  assert step["model_flops"] > 0 and step["model_flops_source"].startswith("2·N·rows")
   # Analytic: each device's LLM weight shard and its K/V caches [3 layers, 8/4 rows, 32+4-1 slots, 2/2 kv heads,
   # 32 dims] in bf16 (the tied embedding table is the output projection, so it counts).
   analytic = decode["analytic"]

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, cfg, topology) -> int:
     try:
       decode = decode_report(compiled.as_text(), report.roofline, batch=shape.batch, new_tokens=shape.new_tokens,
                              num_devices=mesh.size, weight_bytes=weight_bytes, kv_cache=kv_cache,
-                             left_out=tuple(left_out))
+                             left_out=tuple(left_out), llm_parameters=gp.llm_parameters(layout))
     except roofline.LoopNotFound as e:
       print(f"decode loop: {e}")
       extra["generate"]["decode_error"] = str(e)

@@ -192,3 +192,10 @@ def llm_weight_bytes(params: dict[str, jax.ShapeDtypeStruct]) -> tuple[int, Sequ
     if path.startswith("llm/") and path not in skipped:
       total += math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
   return total, skipped
+
+
+def llm_parameters(layout: ParamLayout) -> int:
+  """N for the decode MFU: the decoder's parameters less an untied input embedding table (a lookup, not a
+  matmul; a tied one is also the output projection)."""
+  skipped = {"llm/embed/embedding"} if "llm/lm_head/kernel" in layout.abstract else set()
+  return sum(a.size for p, a in layout.abstract.items() if p.startswith("llm/") and p not in skipped)
