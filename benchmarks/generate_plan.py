@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+import pod_plan  # benchmarks/ is on sys.path when a script here runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- generate_plan:begin -->", "<!-- generate_plan:end -->"
 DEFAULT_PROGRAMS = ("qwen2_audio_7b:full@v5e:2x4", "qwen2_audio_7b:full@v5e:2x4@1,8,1", "qwen2_audio_7b:full@v6e:2x4",
@@ -104,19 +106,6 @@ def table(rows: list[Row]) -> str:
   return "\n".join(lines + ["| " + " | ".join(table_row(row)) + " |" for row in rows])
 
 
-def write_docs(text: str) -> None:
-  """Replaces what lies between the generate-plan markers in docs/scaling.md."""
-  path = os.path.join(ROOT, "docs", "scaling.md")
-  with open(path) as f:
-    doc = f.read()
-  if BEGIN not in doc or END not in doc:
-    raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to write between")
-  before, rest = doc.split(BEGIN, 1)
-  _, after = rest.split(END, 1)
-  with open(path, "w") as f:
-    f.write(before + BEGIN + "\n" + text + "\n" + END + after)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--programs", nargs="+", default=list(DEFAULT_PROGRAMS),
@@ -144,7 +133,7 @@ def main() -> None:
                     f"{os.cpu_count()}-core host.", "", table(rows)])
   print(text)
   if args.write_docs:
-    write_docs(text)
+    pod_plan.write_docs(text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -114,17 +114,17 @@ FLOPs: the remat recompute, the audio encoder's 1500 frames per clip and the chu
 difference."""
 
 
-def write_docs(text: str) -> None:
-  """Replaces what lies between the pod-plan markers in docs/scaling.md."""
+def write_docs(text: str, begin: str = BEGIN, end: str = END) -> None:
+  """Replaces what lies between the `begin` / `end` markers (the pod-plan ones by default) in docs/scaling.md."""
   path = os.path.join(ROOT, "docs", "scaling.md")
   with open(path) as f:
     doc = f.read()
-  if BEGIN not in doc or END not in doc:
-    raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to write between")
-  before, rest = doc.split(BEGIN, 1)
-  _, after = rest.split(END, 1)
+  if begin not in doc or end not in doc:
+    raise SystemExit(f"{path}: no {begin} ... {end} markers to write between")
+  before, rest = doc.split(begin, 1)
+  _, after = rest.split(end, 1)
   with open(path, "w") as f:
-    f.write(before + BEGIN + "\n" + text + "\n" + END + after)
+    f.write(before + begin + "\n" + text + "\n" + end + after)
 
 
 def main() -> None:
