@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,17 @@ def cli_env(**extra: str) -> dict[str, str]:
              PYTHONUNBUFFERED="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   env.update(extra)
   return env
+
+
+def run_worker(code: str, *args: str, tag: str, devices: int = 8, timeout: float = 300) -> dict:
+  """Runs `python -c code args...` on `devices` CPU devices (fast unoptimised compiles) and returns the JSON
+  the worker printed after `tag + " "`; a failing worker fails the test with its output."""
+  env = cli_env(PYTHONPATH=REPO,
+                XLA_FLAGS=f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(proc.stdout.split(tag + " ", 1)[1])
 
 
 def alm_jax(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:

@@ -6,13 +6,10 @@ The worker runs in a fresh Python with 8 CPU devices (the flag must precede jax'
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_worker
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
 
@@ -72,12 +69,7 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MESHES)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(proc.stdout.split("RESULTS ", 1)[1])
+  return run_worker(WORKER, json.dumps(MESHES), tag="RESULTS")
 
 
 def test_one_device_mesh_gives_the_plain_run(results):

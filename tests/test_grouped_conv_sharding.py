@@ -8,9 +8,6 @@ one dense conv per group (`beats.grouped_conv1d`); see docs/grouped_conv_shardin
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +15,8 @@ import numpy as np
 import pytest
 
 from alm_jax.models.beats import grouped_conv1d
+from tests.helpers import run_worker
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Meshes (data, fsdp, tensor) whose batch split (data x fsdp) is partial, plus a full one.
 MESHES = [(2, 2, 2), (2, 1, 2), (1, 2, 2), (4, 2, 1)]
@@ -66,12 +63,7 @@ print("ERRORS " + json.dumps(errors))
 
 
 def test_pos_conv_gradients_on_partially_batch_sharded_meshes_match_one_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MESHES)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  errors = json.loads(proc.stdout.split("ERRORS ", 1)[1])
+  errors = run_worker(WORKER, json.dumps(MESHES), tag="ERRORS")
   assert set(errors) == {str(m) for m in MESHES}
   assert all(err < 1e-5 for err in errors.values()), errors
 
