@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alm_jax.config import ConfigError
 from alm_jax.data.pipeline import DataConfig, batch_shapes
+from alm_jax.infer import placement
 from alm_jax.infer.alm_generate import generate_fn
 from alm_jax.infer.sampling import SamplingConfig
 from alm_jax.models.alm import ALMConfig, AudioLanguageModel
@@ -122,10 +123,7 @@ def serving_shardings(layout: ParamLayout, mesh: Mesh, rules: Rules) -> tuple[di
 
 def parse_mesh(text: str, num_devices: int) -> tuple[int, int, int]:
   """`--mesh D,F,T` (one entry may be -1) -> the (data, fsdp, tensor) sizes, checked against the devices."""
-  try:
-    shape = tuple(int(s) for s in text.replace("x", ",").split(","))
-  except ValueError:
-    raise ConfigError("--mesh", f"expected three sizes D,F,T such as 1,1,8, got {text!r}") from None
+  shape = placement.parse_mesh(text)
   if len(shape) != 3:
     raise ConfigError("--mesh", f"expected three sizes D,F,T (data, fsdp, tensor), got {text!r}")
   return resolve_shape(shape, num_devices, "--mesh")
