@@ -96,13 +96,11 @@ def load_bundle(path: str, *, mesh: Mesh | None = None, rules: Rules | None = No
     raise CheckpointError(f"{path}: no {TOKENIZER_FILE} in {run_dir}")
   tokenizer = Tokenizer.load(tokenizer_path, template)
   layout = ParamLayout(lambda rngs: AudioLanguageModel(model_cfg, rngs=rngs))
-  if mesh is None:
-    from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
+  if mesh is None:
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(shape=(1, 1, 1)), devices=[_first_device()])
   if rules is None:
-    from alm_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-
     rules = sharding_lib.MeshConfig().logical_rules
   if shardings is None:
     layout.check_divisible(mesh, rules)
