@@ -193,7 +193,7 @@ def plot(combined: Mapping[str, Any], path: str) -> None:
       ax.set_ylim(0, 110)
       ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"{combined['benchmark']} — {scorer}")
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # beside the bars, never over them
   fig.tight_layout()
   fig.savefig(path)
 
