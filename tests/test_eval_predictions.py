@@ -10,7 +10,7 @@ import pytest
 from alm_jax import cli
 from alm_jax.eval.runner import EvalOptions, load_benchmark, run_eval
 from tests.helpers import REPO, cli_env
-from tests.test_eval_runner import FakePredictor, write_mmau
+from tests.test_eval_runner import SOUNDS, FakePredictor, _pro_predict, write_mmau, write_mmau_pro
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -104,6 +104,37 @@ def test_scores_equal_the_checkpoint_path(tmp_path, think):
   if think:  # the reasoning names a wrong option: only the final answer may be scored
     assert _eval(*args) == 0
     assert _report(out)["scores"]["official"]["overall"]["accuracy"] == 0.0
+
+
+def _longaudio(root):
+  """A long-audio manifest whose clips are absent: lengths come from `duration` (else "unknown length")."""
+  rows = [("l1", 20.0, "Doorbell"), ("l2", 45.0, "Siren"), ("l3", None, "Doorbell")]
+  return _jsonl(root / "long.jsonl", [{"id": i, "audio": ["absent.wav"], "question": "What happens?", "choices": SOUNDS,
+                                      "answer": "Doorbell", "category": "sound",
+                                      **({"duration": d} if d is not None else {})} for i, d, _ in rows])
+
+
+@pytest.mark.parametrize("benchmark", ["mmau-pro", "longaudio"])
+def test_other_benchmarks_score_as_the_checkpoint_path_does(tmp_path, benchmark):
+  if benchmark == "mmau-pro":  # closed, multi-audio, open and instruction-following items
+    data, predict = write_mmau_pro(tmp_path), _pro_predict
+  else:
+    data = _longaudio(tmp_path)
+    predict = lambda items: ["Siren" if item.id == "l2" else "Doorbell" for item in items]  # noqa: E731
+  options = EvalOptions(checkpoint="x", check_audio=False, progress=False, chart=False)
+  reference = run_eval(predict, benchmark, data, None, str(tmp_path / "ref.json"), options)
+  items = load_benchmark(benchmark, data, None, options).items
+  preds = _jsonl(tmp_path / "p.jsonl", [{"id": i.id, "prediction": p} for i, p in zip(items, predict(items))])
+  out = tmp_path / "r.json"
+  assert _eval("--predictions", preds, "--data", data, "--benchmark", benchmark, "--out", str(out), "--name", "x") == 0
+  report = _report(out)
+  for key in ("n", "scores", "items", "skipped", "unscored", "settings"):
+    assert report[key] == reference[key], key
+  if benchmark == "longaudio":
+    assert {k: v["n"] for k, v in report["scores"]["robust"]["by_length"].items()} == {
+        "0-30s": 1, "30s-1min": 1, "unknown length": 1}
+  else:
+    assert report["unscored"][0]["id"] == "p5" and "instruction_following" in report["scores"]
 
 
 def test_missing_predictions_count_as_wrong_and_are_listed(tmp_path):
