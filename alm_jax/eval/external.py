@@ -63,7 +63,10 @@ def _located_records(path: str) -> list[tuple[int, Any]]:
   start = len(text) - len(text.lstrip())
   if start == len(text):
     raise DataError(f"{path}: file is empty")
-  line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
+
+  def line_of(pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
   if text[start] != "[":
     located = []
     for lineno, line in enumerate(text.splitlines(), start=1):
