@@ -13,7 +13,8 @@ MMAU-Pro's rule-checked items) and `wer` for ASR, whose blocks carry "wer" in
 place of "accuracy" (with edit counts). Accuracy and WER are fractions (0.5 =
 50 %); `random` is the mean over items of 1/len(choices) (None where chance is
 undefined). Extra top-level keys: `items` / `per_file` (per-item results),
-`skipped` (id, reason), `unscored` (open items without a judge), `notes`.
+`skipped` (id, reason), `unscored` (open items without a judge), `notes`, and for
+scored predictions files `missing_predictions` / `unmatched_predictions` (ids).
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines += ["## Listed, not scored", "", "| id | category | reason |", "| --- | --- | --- |"]
     lines += [f"| {_cell(u['id'])} | {_cell(u.get('category', ''))} | {_cell(u['reason'])} |"
               for u in report["unscored"]] + [""]
+  for key, title in (("missing_predictions", "Items without a prediction (scored as empty answers)"),
+                     ("unmatched_predictions", "Prediction ids that name no item (ignored)")):
+    if report.get(key):  # `alm-jax eval --predictions` (alm_jax/eval/external.py)
+      lines += [f"## {title}", "", ", ".join(f"`{_cell(i)}`" for i in report[key]), ""]
   return "\n".join(lines)
 
 
