@@ -23,7 +23,7 @@ from alm_jax.errors import UserError
 COMMANDS = {
     "demo": "Build the synthetic corpus, train a tiny ALM through all stages, evaluate it.",
     "train": "Train (or resume) one stage of a model from a config.",
-    "eval": "Evaluate a checkpoint on MMAU, MMAU-Pro, ASR or long-audio QA.",
+    "eval": "Evaluate a checkpoint on MMAU, MMAU-Pro, ASR or long-audio QA; score any predictions; compare reports.",
     "generate": "Answer a prompt about one or more audio files with a checkpoint.",
     "import-hf": "Convert a Hugging Face model folder into an alm_jax checkpoint.",
     "export-hf": "Write an alm_jax checkpoint as a Hugging Face model folder.",
