@@ -22,11 +22,13 @@ ROWS, PROMPT, NEW = 8, 32, 4
 def test_compile_generate_finds_the_decode_loop_and_its_step(tmp_path):
   # The demo model on 8 CPU devices: the default serving mesh splits its 2 kv heads over `tensor`, rows over
   # `data`; a Whisper layer of 3 heads, which 2 does not divide, keeps its heads whole. A subprocess: the CPU
-  # device count is fixed when JAX starts.
+  # device count is fixed when JAX starts. The decode step scans its layers (the TPU choice; tiny.py's CPU
+  # choice unrolls them), so the step holds the layer loop.
   out = tmp_path / "generate.json"
   result = alm_jax("compile", "--mode", "generate", "--config", TINY, "--topology", "cpu:8", "--generate-batch",
                    str(ROWS), "--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--json", str(out),
-                   "--config.model.whisper.num_layers=1", "--config.model.whisper.num_heads=3", timeout=300)
+                   "--config.model.whisper.num_layers=1", "--config.model.whisper.num_heads=3",
+                   "--config.model.llm.decode_scan=True", timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads(out.read_text())
   generate = report["generate"]

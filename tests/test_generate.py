@@ -1,7 +1,9 @@
 """Jitted generation: greedy tokens equal transformers `generate` (left- and right-padded batches), stop tokens,
 embeddings input, sampling (determinism, top-k, top-p, temperature) and compile-once-per-bucket."""
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from alm_jax.checkpoints import hf_llm
 from alm_jax.config import ConfigError
 from alm_jax.infer import generate as gen
 from alm_jax.infer.sampling import SamplingConfig, sample
+from alm_jax.models.llm import LLM
 from test_llm import FAMILIES, VOCAB, padded_batch, reference, to_right_padded
 
 EOS = 2
@@ -94,6 +97,47 @@ def test_stop_tokens_pad_and_compile_once_per_bucket(tmp_path_factory):
                        length_bucket=16)
   assert short.tokens.shape == (4, 32)
   assert gen._generate_jit._cache_size() == compiled
+
+
+def _with_decode_scan(model, decode_scan: bool):
+  """The same weights under `decode_scan` (the scan over stacked layers while decoding, or per-layer weights)."""
+  cfg = dataclasses.replace(model.cfg, decode_scan=decode_scan)
+  other = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(other, nnx.state(model))
+  return other
+
+
+def _hlo_shapes(text: str) -> dict[str, tuple[int, ...]]:
+  """Instruction name → array shape in compiled HLO text (names are unique across the module)."""
+  return {name: tuple(int(d) for d in dims.split(",") if d)
+          for name, dims in re.findall(r"(%[\w.-]+) = \w+\[([\d,]*)\]", text)}
+
+
+def test_decoding_writes_only_new_cache_positions_and_unrolled_decode_slices_weights_once(tmp_path_factory):
+  """The stacked KV cache rides in the layer scan's carry: each layer writes the new positions, never its whole
+  cache slice (as a scanned output it would copy every layer's cache out and back each token). With
+  `decode_scan=False` the decode loop reads per-layer weights cut once before it: no dynamic slice in the loop
+  (XLA:CPU copies a scanned layer's weights out of the stack on every step). Both give the same tokens."""
+  _, model = pair("qwen2", tmp_path_factory)
+  assert model.cfg.scan_layers and model.cfg.decode_scan
+  ids, mask = padded_batch(LENGTHS, max(LENGTHS), seed=7, side="left")
+  new = 16
+  cache_len = gen.bucket_length(ids.shape[1], 16) + new - 1
+  tokens = {}
+  for decode_scan in (True, False):
+    llm = _with_decode_scan(model, decode_scan)
+    text = gen.lower(llm, ids, mask=mask, max_new_tokens=new, length_bucket=16).compile().as_text()
+    shapes = _hlo_shapes(text)
+    writes = re.findall(r"= \w+\[([\d,]*)\]\S* dynamic-update-slice\((%[\w.-]+), (%[\w.-]+)", text)
+    cache_writes = [shapes[update] for dims, _, update in writes
+                    if len(dims.split(",")) == 5 and int(dims.split(",")[2]) == cache_len]
+    assert len(cache_writes) >= 2, writes  # k and v, prefill and decode
+    for update in cache_writes:
+      assert update[-3] < cache_len, f"a whole layer's cache is rewritten: {update}"
+    assert ("dynamic-slice(" in text) == decode_scan
+    out = gen.generate(llm, ids, mask=mask, max_new_tokens=new, stop_tokens=(), length_bucket=16)
+    tokens[decode_scan] = np.asarray(out.tokens)
+  np.testing.assert_array_equal(tokens[False], tokens[True])
 
 
 def test_sampling_is_deterministic_per_seed(tmp_path_factory):

@@ -77,9 +77,11 @@ def decode(
   stop_tokens = jnp.zeros((0,), jnp.int32) if stop_tokens is None else jnp.asarray(stop_tokens, jnp.int32)
   cache = init_cache(model.cfg, batch, length + max_new_tokens - 1, cache_dtype or x.dtype)
 
+  layers = model.decode_layers()  # per-layer weights cut once here, outside the loop, if the config says so
+
   # Prefill: the whole prompt in one call, logits only at each row's last real token.
   hidden, cache = model(embeddings=x, positions=positions_from_mask(mask), mask=mask, cache=cache, cache_index=0,
-                        return_hidden=True)
+                        return_hidden=True, layers=layers)
   last = hidden[jnp.arange(batch), _last_real_index(mask)]
   first = sample(model.logits(last), jax.random.fold_in(key, 0), sampling)
   done = jnp.isin(first, stop_tokens)
@@ -102,7 +104,7 @@ def decode(
     step, cache, token, position, done, out, lengths = state
     logits, cache = model(
         token[:, None], positions=position[:, None], mask=jnp.ones((batch, 1), jnp.bool_), cache=cache,
-        cache_index=length + step - 1,
+        cache_index=length + step - 1, layers=layers,
     )
     new = sample(logits[:, 0], jax.random.fold_in(key, step), sampling)
     new = jnp.where(done, pad_id, new)

@@ -59,6 +59,13 @@ class LLMConfig:
     remat: rematerialisation policy per decoder layer (`layers.REMAT_POLICIES`).
     scan_layers: stack the layers and run them with a scan (one compiled body
       for all layers; the pod-scale form); False keeps a Python loop.
+    decode_scan: with stacked layers, generation runs them with the scan
+      too; False cuts the stacked weights into per-layer arrays once per
+      generate call, before the decode loop, and runs the step unrolled
+      (`stack.unstack`). A target choice: XLA:CPU copies a scanned layer's
+      weights out of the stack every step, a TPU reads them in place; the
+      unrolled step compiles N layer bodies and holds a second copy of the
+      decoder weights while generating.
     attention: implementation of training and prefill attention
       (`attention.IMPLEMENTATIONS`: `xla` for CPU and as the reference,
       `splash` for TPU, `cudnn` for GPU). Decoding with a KV cache takes a
@@ -93,6 +100,7 @@ class LLMConfig:
   pad_token_id: int | None = None
   remat: str = "none"
   scan_layers: bool = True
+  decode_scan: bool = True
   attention: str = "xla"
   lora_rank: int = 0
   lora_alpha: float = 16.0
@@ -252,18 +260,42 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
     if kv is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
-      k = constrain(k, ("batch", "kv_length", "kv_heads", "head_dim"))
-      v = constrain(v, ("batch", "kv_length", "kv_heads", "head_dim"))
-      new_kv = {"k": k, "v": v}
+      new_kv, k, v = write_cache(kv, k, v, cache_index)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     if kv is None:
       out = attention.attention(q, k, v, impl=self.impl, causal=True, key_valid=mask)
     else:
       out = attention.attention(q, k, v, impl=self.cached_impl, mask=mask)
     return self.o_proj(out), new_kv
+
+
+_KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")
+
+
+def write_cache(
+    kv: dict[str, jax.Array], k: jax.Array, v: jax.Array, cache_index: jax.Array
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+  """Writes new keys/values k, v [B, L, K, Dh] at slot `cache_index` → (updated kv, all keys, all values).
+
+  `kv` is one layer's `{"k", "v"}` [B, S, K, Dh], or the whole stacked cache
+  `{"k", "v"}` [N, B, S, K, Dh] with `"layer"` (a scalar) naming this layer:
+  then only the L new positions of that layer are written, in place in the
+  scan's carry, instead of the scan copying each layer's whole cache slice in
+  and out every decode step (which made the step read and write the cache
+  about three times instead of reading it once).
+  """
+  if "layer" not in kv:
+    start = (0, cache_index, 0, 0)
+    new_k = constrain(jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start), _KV_AXES)
+    new_v = constrain(jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start), _KV_AXES)
+    return {"k": new_k, "v": new_v}, new_k, new_v
+  layer = kv["layer"]
+  start = (layer, 0, cache_index, 0, 0)
+  stacked_axes = (stack.LAYERS_AXIS,) + _KV_AXES
+  new_k = constrain(jax.lax.dynamic_update_slice(kv["k"], k[None].astype(kv["k"].dtype), start), stacked_axes)
+  new_v = constrain(jax.lax.dynamic_update_slice(kv["v"], v[None].astype(kv["v"].dtype), start), stacked_axes)
+  read = lambda a: constrain(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), _KV_AXES)
+  return {"k": new_k, "v": new_v, "layer": layer}, read(new_k), read(new_v)
 
 
 class GatedMLP(nnx.Module):
@@ -338,6 +370,16 @@ class LLM(nnx.Module):
           cfg.hidden_size, cfg.vocab_size, in_axes=("embed",), out_axes=("vocab",), use_bias=False, rngs=rngs
       )
 
+  def decode_layers(self) -> nnx.List | None:
+    """The layers generation passes as `layers=` (made once, before its decode loop), or None for `self.layers`.
+
+    Per-layer modules cut from the stacked weights when `decode_scan` is off
+    (see `LLMConfig.decode_scan`), else None.
+    """
+    if self.cfg.decode_scan or not stack.is_stacked(self.layers):
+      return None
+    return stack.unstack(self.layers)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden states [..., D] → float32 logits [..., V]."""
     if self.lm_head is None:
@@ -356,6 +398,7 @@ class LLM(nnx.Module):
       cache: Cache | None = None,
       cache_index: jax.Array | int | None = None,
       return_hidden: bool = False,
+      layers: nnx.List | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Runs the decoder on tokens [B, L] or embeddings [B, L, D].
 
@@ -365,7 +408,9 @@ class LLM(nnx.Module):
     `cache_index ... cache_index + L - 1` and each query attends to valid slots
     up to its own; the updated cache is returned. Returns (float32 logits
     [B, L, V], or the final-normed hidden states [B, L, D] if `return_hidden`,
-    new cache or None).
+    new cache or None). `layers` runs these decoder layers instead of
+    `self.layers`: the same layers cut apart by `decode_layers` once, outside
+    a decode loop.
     """
     if (tokens is None) == (embeddings is None):
       raise ValueError("pass exactly one of tokens or embeddings")
@@ -394,10 +439,22 @@ class LLM(nnx.Module):
       attn_mask = causal[None, None] & valid[:, None, None, :]
       kvs = cache["layers"]
 
-    def body(layer: DecoderLayer, x: jax.Array, kv: dict[str, jax.Array] | None):
-      return layer(x, cos, sin, attn_mask, kv, cache_index)
+    layers = self.layers if layers is None else layers
+    if isinstance(kvs, dict):
+      # The stacked cache rides in the carry and each layer writes only its new positions (`write_cache`);
+      # as a scanned input/output every layer would copy its whole cache slice in and out each step.
+      def carried(layer: DecoderLayer, carry: tuple, _):
+        x, kv = carry
+        x, kv = layer(x, cos, sin, attn_mask, kv, cache_index)
+        return (x, dict(kv, layer=kv["layer"] + 1)), None
 
-    x, new_kvs = stack.run(self.layers, body, x, remat=self.cfg.remat, per_layer=kvs)
+      (x, kv), _ = stack.run(layers, carried, (x, dict(kvs, layer=jnp.int32(0))), remat=self.cfg.remat)
+      new_kvs = {"k": kv["k"], "v": kv["v"]}
+    else:
+      def body(layer: DecoderLayer, x: jax.Array, kv: dict[str, jax.Array] | None):
+        return layer(x, cos, sin, attn_mask, kv, cache_index)
+
+      x, new_kvs = stack.run(layers, body, x, remat=self.cfg.remat, per_layer=kvs)
     new_cache = None if cache is None else {"layers": new_kvs, "valid": valid}
     x = self.final_norm(x)
     if return_hidden:

@@ -52,6 +52,22 @@ def is_stacked(stack: nnx.Module) -> bool:
   return not isinstance(stack, nnx.List)
 
 
+def unstack(stack: nnx.Module) -> nnx.List:
+  """The layers of a stacked module as a list of one-layer modules over static slices of its weights.
+
+  Inside a traced function the slices are made where this is called: called
+  before a loop (decoding), each layer's weights are cut out once instead of a
+  scan's dynamic slice copying them every iteration on backends that cannot
+  read a slice in place (XLA:CPU); the cost is one extra copy of the weights
+  while the result lives. A list is returned as it is.
+  """
+  if not is_stacked(stack):
+    return stack
+  graphdef, state = nnx.split(stack)
+  count = jax.tree.leaves(state)[0].shape[0]
+  return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(count)])
+
+
 def _checkpointed(fn: Callable, policy: str, *, in_scan: bool) -> Callable:
   if policy not in layers.REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {policy!r} (known: {', '.join(layers.REMAT_POLICIES)})")
