@@ -533,17 +533,28 @@ def _effective_users(comp: Computation, name: str) -> list[tuple[Instruction, st
 
 def _fused_read(module: Module, fused: Computation, index: int, full: int, depth: int = 0) -> int:
   """Bytes a fusion reads of its operand `index` (`full` in HBM): a sliced operand reads its slices, the
-  buffer a dynamic-update-slice writes into is not read; nested fusions are followed."""
+  buffer a dynamic-update-slice writes into is not read (but what the fusion then reads back of the updated
+  buffer is: a KV cache written and sliced for attention in one fusion); nested fusions are followed."""
   param = fused.parameter(index)
   users = _effective_users(fused, param.name) if param is not None else []
   if not users or depth > 8:
     return full
+  return _value_read(module, fused, users, full, depth, updated=False)
+
+
+def _value_read(module: Module, fused: Computation, users: list[tuple[Instruction, str]], full: int,
+                depth: int, *, updated: bool) -> int:
+  """Bytes of a `full`-byte buffer in HBM that `users` (inside fusion `fused`) read; see `_fused_read`.
+  `updated`: the users see the buffer after an in-place dynamic-update-slice (passing it out reads nothing)."""
   read = 0
   for user, name in users:
     if user.opcode in _SLICES and user.operands[0] == name:
       read += hbm_bytes_of(user.shape)
     elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
-      continue  # written in place
+      # Written in place; the updated buffer's own users (slices read back, or the fusion's output) decide.
+      read += _value_read(module, fused, _effective_users(fused, user.name), full, depth + 1, updated=True)
+    elif user.opcode == "tuple" and updated:
+      continue  # the updated buffer is an output of the fusion, written in place: not a read
     elif user.opcode == "fusion":
       nested = module.computations.get(next(iter(_called(user, "calls")), ""))
       if nested is None:

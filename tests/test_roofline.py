@@ -303,6 +303,43 @@ def test_a_custom_calls_multiline_backend_config_does_not_end_its_computation():
   assert r.flops == 7 * 2 * 8 * 8 * 8
 
 
+# A KV cache [layers 4, rows 8, slots 64] written at one slot and read back (this layer's slice) in one fusion,
+# as the TPU compiler fuses a decode step's cache update with the attention that reads it.
+CACHE_UPDATE_AND_READ = """HloModule m
+
+%fused (c: f32[4,8,64], u: f32[1,8,1], l: s32[], s: s32[], q: f32[8,64]) -> (f32[4,8,64], f32[8]) {
+  %c = f32[4,8,64] parameter(0)
+  %u = f32[1,8,1] parameter(1)
+  %l = s32[] parameter(2)
+  %s = s32[] parameter(3)
+  %q = f32[8,64] parameter(4)
+  %z = s32[] constant(0)
+  %new = f32[4,8,64] dynamic-update-slice(%c, %u, %l, %z, %s)
+  %layer = f32[1,8,64] dynamic-slice(%new, %l, %z, %z), dynamic_slice_sizes={1,8,64}
+  %rows = f32[8,64] bitcast(%layer)
+  %scores = f32[8] dot(%rows, %q), lhs_batch_dims={0}, lhs_contracting_dims={1}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+  ROOT %out = (f32[4,8,64], f32[8]) tuple(%new, %scores)
+}
+
+ENTRY %main (c: f32[4,8,64], u: f32[1,8,1], l: s32[], s: s32[], q: f32[8,64]) -> (f32[4,8,64], f32[8]) {
+  %c = f32[4,8,64] parameter(0)
+  %u = f32[1,8,1] parameter(1)
+  %l = s32[] parameter(2)
+  %s = s32[] parameter(3)
+  %q = f32[8,64] parameter(4)
+  ROOT %f = (f32[4,8,64], f32[8]) fusion(%c, %u, %l, %s, %q), kind=kOutput, calls=%fused
+}
+"""
+
+
+def test_a_cache_updated_in_place_and_read_back_in_one_fusion_reads_its_slice():
+  """Writing one slot reads nothing of the cache, but slicing the updated cache for attention reads that layer's
+  slice (the 7B decode step's KV read was missing from the compiled estimate when XLA fused the two)."""
+  r = roofline.analyse_hlo(CACHE_UPDATE_AND_READ)
+  layer_slice, update, query, scalars, written = 8 * 64 * 4, 8 * 4, 8 * 64 * 4, 2 * 4, 8 * 4 + 8 * 4
+  assert r.hbm_bytes == layer_slice + update + query + scalars + written
+
+
 # ----------------------------------------------------------------------------
 # Subtrees: one decode step of a generation-like program.
 
