@@ -57,8 +57,16 @@ MESH_ROWS = {
 }
 
 
-def build_models(layers: int):
-  """(transformers model, our graphdef, our state) with the same random Qwen2-0.5B-shaped weights (seed 0)."""
+def build_models(layers: int, decode_scan: bool):
+  """(transformers model, our graphdef, our state) with the same random Qwen2-0.5B-shaped weights (seed 0).
+
+  `decode_scan` is `LLMConfig.decode_scan`: off (the CPU choice) cuts the stacked
+  layers apart once per call and decodes unrolled; on runs the decode step as
+  a scan over the stacked weights (the TPU choice, which XLA:CPU pays for by
+  copying every layer's weights out of the stack each step).
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -72,7 +80,7 @@ def build_models(layers: int):
       max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=0,
   )
   ref = transformers.Qwen2ForCausalLM(hf_cfg).eval()
-  cfg = hf_llm.llm_config_from_hf(hf_cfg.to_dict())
+  cfg = dataclasses.replace(hf_llm.llm_config_from_hf(hf_cfg.to_dict()), decode_scan=decode_scan)
   model = hf_llm.import_hf(mapping.DictReader(ref.state_dict(), "torch state dict"), cfg)
   graphdef, state = nnx.split(model)
   return ref, graphdef, state
@@ -98,7 +106,7 @@ def versus_transformers(args) -> None:
 
   from alm_jax.infer import generate as gen  # pylint: disable=import-outside-toplevel
 
-  ref, graphdef, state = build_models(args.layers)
+  ref, graphdef, state = build_models(args.layers, args.decode_scan)
   vocab = ref.config.vocab_size
 
   def run_ours(ids: np.ndarray, new: int):
@@ -170,7 +178,8 @@ def versus_transformers(args) -> None:
   print()
   print(f"Decode speed, random Qwen2-0.5B-shaped model ({args.layers} layers), float32, CPU "
         f"({os.cpu_count()} cores, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}), "
-        f"prompt {args.prompt}, {args.new} new tokens, greedy, median of {args.repeats}; "
+        f"prompt {args.prompt}, {args.new} new tokens, greedy, median of {args.repeats}, "
+        f"decode_scan={args.decode_scan}; "
         f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
   print()
   print("| batch | ours decode tok/s | transformers decode tok/s | ratio | ours total s | transformers total s "
@@ -217,7 +226,7 @@ def mesh_worker(args) -> None:
   if layers < args.layers:
     print(f"mesh rows: {available_bytes() / 2**30:.1f} GiB free cannot hold {MESH_DEVICES} data-parallel copies "
           f"of {args.layers} layers; every mesh row uses {layers} layers", flush=True)
-  ref, graphdef, state = build_models(layers)
+  ref, graphdef, state = build_models(layers, args.decode_scan)
   vocab = ref.config.vocab_size
   del ref
   gc.collect()
@@ -297,6 +306,8 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=32, help="prompt length")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--layers", type=int, default=24, help="fewer for a quick smoke run")
+  parser.add_argument("--decode-scan", action="store_true",
+                      help="decode with a scan over the stacked layers (the TPU choice; default: the CPU choice)")
   parser.add_argument("--no-mesh", dest="mesh", action="store_false", help="skip the 8-device mesh rows")
   parser.add_argument("--no-transformers", dest="versus", action="store_false", help="only the mesh rows")
   parser.add_argument("--dp-batch", type=int, default=32, help="batch of the data-parallel rows")
@@ -318,7 +329,7 @@ def main() -> None:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={MESH_DEVICES}".strip()
     forwarded = ["--prompt", str(args.prompt), "--layers", str(args.layers), "--dp-batch", str(args.dp_batch),
                  "--tp-batch", str(args.tp_batch), "--mesh-new", str(args.mesh_new), "--mesh-repeats",
-                 str(args.mesh_repeats), "--mesh-rows", *args.mesh_rows]
+                 str(args.mesh_repeats), "--mesh-rows", *args.mesh_rows, *(["--decode-scan"] * args.decode_scan)]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--mesh-worker", *forwarded], env=env,
                           check=False)
     if proc.returncode:

@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       llm=dict(family="qwen2", vocab_size=VOCAB, hidden_size=LLM_WIDTH, intermediate_size=384, num_layers=3,
                num_heads=4, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=1024, rms_norm_eps=1e-6,
                qkv_bias=True, tie_embeddings=True, lora_rank=0, lora_alpha=16.0,
-               lora_targets=("q", "k", "v", "o", "gate", "up", "down")),
+               lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+               decode_scan=False),  # CPU choice: decode over per-layer weights cut once, not a scan copying them
       # CPU choices (the demo trains on a CPU): rfft, one window at a time; blocked attention if Whisper has layers.
       frontend=dict(method="fft", examples_per_step=1),
       audio_token_id=-1,

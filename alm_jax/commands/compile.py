@@ -268,10 +268,14 @@ def target_choices(model, platform: str) -> str:
   line = (f"target choices (config): front end method={frontend.method} "
           f"examples_per_step={frontend.examples_per_step}, whisper attention_block={block}, attention "
           + ", ".join(f"{tower}={impl}" for tower, impl in impls.items())
-          + f", layers {'scanned' if model.llm.scan_layers else 'unrolled'}")
+          + f", layers {'scanned' if model.llm.scan_layers else 'unrolled'}"
+          + ("" if model.llm.decode_scan or not model.llm.scan_layers else " (decode unrolled)"))
   if platform == "tpu" and (frontend.method == "fft" or frontend.examples_per_step or block):
     line += ("\nwarning: these are CPU choices; on a TPU set --config.model.frontend.method=matmul "
              "--config.model.frontend.examples_per_step=0 --config.model.whisper.attention_block=0")
+  if platform == "tpu" and model.llm.scan_layers and not model.llm.decode_scan:
+    line += ("\nnote: decode_scan=False is a CPU choice; a TPU reads scanned weights in place "
+             "(--config.model.llm.decode_scan=True compiles one decode layer body)")
   if platform == "tpu" and any(impl != "splash" for impl in impls.values()):
     line += "\nnote: splash is the TPU attention kernel (--config.model.llm.attention=splash, same for whisper)"
   if platform != "tpu" and "splash" in impls.values():
