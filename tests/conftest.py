@@ -3,17 +3,11 @@
 import os
 import tempfile
 
-from helpers import FAST_XLA  # tests/ is on the path of conftest's imports
-
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TPU topology compiles (libtpu, no TPU needed) in parallel test workers and their subprocesses: libtpu's
 # lock file would refuse all but one process at a time.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-# The tests' own compiles (and subprocesses that inherit the environment) use the fast CPU compile flags the CLI
-# and worker subprocesses use (helpers.FAST_XLA: LLVM -O0, classic fusion emitters; no fast math). They halve the
-# in-process Trainer tests. Set XLA_FLAGS to run the suite with other flags.
-os.environ.setdefault("XLA_FLAGS", FAST_XLA)
 # Several tests (and the CLI and worker subprocesses they start, which inherit this) compile the same
 # programs: the micro config's train steps, the resumed run of a kill-and-resume test, the processes of a
 # multi-process run. One persistent cache per test run (fresh each run, shared by the xdist workers) lets

@@ -329,8 +329,7 @@ print("ok")
 
 def test_batch_sharded_over_devices_stays_sharded():
   """In a data-parallel step the features of a batch split over 8 devices are computed where the data lives."""
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -273,8 +273,7 @@ def test_restore_params_only_for_the_next_stage(tmp_path):
 
 
 def _run(main: str, *args: str, devices: int = 1, **popen) -> subprocess.Popen:
-  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   code = f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import test_orbax_checkpoint as t; t.{main}(*sys.argv[1:])"
   return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True, **popen)
 

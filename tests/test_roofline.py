@@ -227,7 +227,7 @@ def run_here(mode: str, **env) -> dict:
 
 
 def test_collectives_in_a_scan_count_per_iteration():
-  result = run_here("collectives", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+  result = run_here("collectives", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   layers, r = result["layers"], result["roofline"]
   gathers = [op for op in result["listed"] if op[0] == "all-gather"]
   reduces = [op for op in result["listed"] if op[0] == "all-reduce"]
