@@ -280,8 +280,11 @@ def run_step_in_subprocess(case_ref: str, runs: Sequence[Sequence[int] | Mapping
       command += ["--checkpoint-dir", os.path.join(tmp, "checkpoints")]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")])
-    # Tiny models: compiling dominates, and LLVM's -O0 halves it (no effect on float semantics).
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    # Tiny models: compiling dominates; LLVM's -O0 halves it and the classic fusion emitters cut it 3-4x
+    # again (tests/helpers.py FAST_XLA; no fast math, and every run of the matrix compiles with the same flags).
+    from tests.helpers import FAST_XLA  # pylint: disable=import-outside-toplevel
+
+    env["XLA_FLAGS"] = FAST_XLA
     for key in ("ALM_JAX_COORDINATOR", "ALM_JAX_NUM_PROCESSES", "ALM_JAX_PROCESS_ID", "ALM_JAX_LOCAL_DEVICE_IDS"):
       env.pop(key, None)
     env["ALM_JAX_DISTRIBUTED"] = "auto" if processes > 1 else "off"  # never join a surrounding SLURM job

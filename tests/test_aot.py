@@ -156,7 +156,9 @@ def compile_tiny(topology_text: str, shape: tuple[int, ...], dcn_shape: tuple[in
 
 def _run_compile(topology_text: str, shape: tuple[int, ...], dcn_shape=(1, 1, 1), num_slices=1) -> tuple[dict, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", TPU_SKIP_MDS_QUERY="1")
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # speeds up CPU compiles only; TPU compiles are unaffected
+  from tests.helpers import FAST_XLA  # pylint: disable=import-outside-toplevel
+
+  env["XLA_FLAGS"] = FAST_XLA  # speeds up CPU compiles only; TPU compiles are unaffected
   proc = subprocess.run(
       [sys.executable, os.path.abspath(__file__), "--compile", topology_text, json.dumps(shape),
        json.dumps(dcn_shape), str(num_slices)],

@@ -317,7 +317,9 @@ def _subprocess(mode: str, **env) -> dict:
 
 
 def test_blocked_and_splash_run_per_device_under_a_mesh():
-  flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # faster CPU compiles
+  from tests.helpers import FAST_XLA  # pylint: disable=import-outside-toplevel
+
+  flags = FAST_XLA + " --xla_force_host_platform_device_count=4"  # faster CPU compiles
   result = _subprocess("--sharded", XLA_FLAGS=flags)
   assert result["blocked_shard_map"] and result["splash_shard_map"], result
   assert result["blocked"] < 1e-5 and result["splash"] < 1e-5, result

@@ -180,13 +180,13 @@ def test_train_and_compile_refuse_a_mostly_unsharded_model(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
 
-  from tests.helpers import REPO, TINY, cli_env, make_corpus  # pylint: disable=import-outside-toplevel
+  from tests.helpers import FAST_XLA, REPO, TINY, cli_env, make_corpus  # pylint: disable=import-outside-toplevel
 
   corpus = make_corpus(str(tmp_path / "corpus"), n=12)
   flags = ["--config", TINY + ":micro", "--config.mesh.shape=(1,4,1)", "--config.mesh.rules.embed=None",
            "--config.mesh.rules.mlp=None", "--config.mesh.rules.vocab=None", "--config.mesh.rules.heads=None",
            "--config.mesh.rules.kv_heads=None", f"--config.data.path={corpus}"]
-  env = cli_env(XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4")
+  env = cli_env(XLA_FLAGS=FAST_XLA + " --xla_force_host_platform_device_count=4")
   for command in (["train", "--workdir", str(tmp_path / "run")], ["compile", "--topology", "cpu:4"]):
     proc = subprocess.run([sys.executable, "-m", "alm_jax", *command, *flags], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
