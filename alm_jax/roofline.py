@@ -549,7 +549,9 @@ def _value_read(module: Module, fused: Computation, users: list[tuple[Instructio
   read = 0
   for user, name in users:
     if user.opcode in _SLICES and user.operands[0] == name:
-      read += hbm_bytes_of(user.shape)
+      # The slice is read from where the operand lives (HBM: `full` > 0), whatever memory space it lands in
+      # (the TPU compiler puts a decode step's KV-cache slice straight into VMEM, `S(1)`).
+      read += sum(size for size, _ in arrays(user.shape))
     elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
       # Written in place; the updated buffer's own users (slices read back, or the fusion's output) decide.
       read += _value_read(module, fused, _effective_users(fused, user.name), full, depth + 1, updated=True)

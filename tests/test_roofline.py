@@ -338,6 +338,11 @@ def test_a_cache_updated_in_place_and_read_back_in_one_fusion_reads_its_slice():
   r = roofline.analyse_hlo(CACHE_UPDATE_AND_READ)
   layer_slice, update, query, scalars, written = 8 * 64 * 4, 8 * 4, 8 * 64 * 4, 2 * 4, 8 * 4 + 8 * 4
   assert r.hbm_bytes == layer_slice + update + query + scalars + written
+  # A slice the compiler lands in VMEM (`S(1)`) is still read from the cache in HBM.
+  in_vmem = CACHE_UPDATE_AND_READ.replace("%layer = f32[1,8,64] dynamic-slice", "%layer = f32[1,8,64]{2,1,0:S(1)} "
+                                          "dynamic-slice")
+  assert in_vmem != CACHE_UPDATE_AND_READ
+  assert roofline.analyse_hlo(in_vmem).hbm_bytes == r.hbm_bytes
 
 
 # ----------------------------------------------------------------------------
