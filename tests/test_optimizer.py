@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from alm_jax.config import ConfigError, from_dict
 from alm_jax.train import stages
+from alm_jax.train.config import TrainConfig
 from alm_jax.train.optimizer import (
     OptimizerConfig,
     abstract_opt_state,
@@ -44,7 +45,6 @@ def small_params(frozen_width: int = 16) -> dict:
         ({"learning_rate": 0.0}, "config.train.optimizer.learning_rate"),
         ({"warmup_steps": -1}, "config.train.optimizer.warmup_steps"),
         ({"b2": 1.0}, "config.train.optimizer.b2"),
-        ({"grad_accum_steps": 0}, "config.train.optimizer.grad_accum_steps"),
         ({"end_learning_rate_ratio": 2.0}, "config.train.optimizer.end_learning_rate_ratio"),
         ({"no_decay": ["(bias"]}, "config.train.optimizer.no_decay[0]"),
         ({"learning_rate": "fast"}, "config.train.optimizer.learning_rate"),
@@ -55,6 +55,17 @@ def test_config_validation_names_the_key(values, key):
   with pytest.raises(ConfigError) as info:
     from_dict(OptimizerConfig, values, "config.train.optimizer")
   assert info.value.key == key
+
+
+def test_gradient_accumulation_is_a_train_key():
+  """`config.train.grad_accum_steps` (DESIGN.md's key), validated with its name; not an optimizer field."""
+  assert from_dict(TrainConfig, {"grad_accum_steps": 4}, "config.train").grad_accum_steps == 4
+  with pytest.raises(ConfigError) as info:
+    from_dict(TrainConfig, {"grad_accum_steps": 0}, "config.train")
+  assert info.value.key == "config.train.grad_accum_steps"
+  with pytest.raises(ConfigError) as info:
+    from_dict(OptimizerConfig, {"grad_accum_steps": 2}, "config.train.optimizer")
+  assert info.value.key == "config.train.optimizer.grad_accum_steps"  # unknown there: one place for one setting
 
 
 def test_warmup_then_cosine_linear_constant():
@@ -123,7 +134,7 @@ def _bytes(tree) -> int:
 
 
 def test_frozen_params_have_no_optimizer_state():
-  cfg = OptimizerConfig(grad_accum_steps=2)
+  cfg = OptimizerConfig()
   sizes = []
   for width in (16, 256):
     params = small_params(frozen_width=width)
@@ -169,7 +180,7 @@ def test_abstract_opt_state_follows_param_shardings():
   abstract = {
       p: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, specs[p])) for p, s in shapes.items()
   }
-  tx = make_optimizer(OptimizerConfig(grad_accum_steps=2), abstract, total_steps=10)
+  tx = make_optimizer(OptimizerConfig(), abstract, total_steps=10)
   state = abstract_opt_state(tx, abstract)
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     name = next((k.key for k in reversed(keypath) if isinstance(k, jax.tree_util.DictKey)), None)

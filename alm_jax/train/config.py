@@ -46,6 +46,10 @@ class TrainConfig:
     seed: parameter initialisation and sampling seed.
     compute_dtype: activations/matmuls dtype; parameters and optimizer state
       stay float32 (master weights).
+    grad_accum_steps: micro-batches per optimizer update: the step splits each
+      batch into k micro-batches and scans over them inside the jitted step,
+      averaging their gradients (the same update as the whole batch at once,
+      with a k-th of the activation memory).
     optimizer / checkpoint: see `OptimizerConfig`, `CheckpointConfig`.
     peak_flops_per_device: for the MFU estimate; 0 measures a matmul at start.
   """
@@ -63,6 +67,7 @@ class TrainConfig:
   pretrained: PretrainedConfig = PretrainedConfig()
   seed: int = 0
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  grad_accum_steps: int = 1
   optimizer: OptimizerConfig = OptimizerConfig()
   checkpoint: CheckpointConfig = CheckpointConfig(keep_last=2)
   peak_flops_per_device: float = 0.0
@@ -73,6 +78,7 @@ class TrainConfig:
     require(self.checkpoint_every >= 1, "config.train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
     require(self.eval_every >= 0, "config.train.eval_every", f"must be >= 0, got {self.eval_every}")
     require(self.eval_batches >= 0, "config.train.eval_batches", f"must be >= 0, got {self.eval_batches}")
+    require(self.grad_accum_steps >= 1, "config.train.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
     require(self.peak_flops_per_device >= 0, "config.train.peak_flops_per_device", "must be >= 0")
     self.stage_config  # validates stage, stages and freeze
 

@@ -152,7 +152,7 @@ class Trainer:
     self._compiled: dict[tuple, Any] = {}
     self._step_flops: dict[tuple, float] = {}
     self.compile_seconds = 0.0  # spent compiling so far (kept out of step times)
-    self.accum = cfg.train.optimizer.grad_accum_steps
+    self.accum = cfg.train.grad_accum_steps
     # Every process forms the same global batches; this one loads the rows its devices hold.
     self.rows = batch_rows(self.mesh, self.rules, cfg.data.batch_size)
 

@@ -35,8 +35,8 @@ class OptimizerConfig:
 
   The schedule warms up linearly from 0 to `learning_rate` over `warmup_steps`,
   then follows `decay` down to `learning_rate * end_learning_rate_ratio` at the
-  last step. Steps count optimizer updates: with `grad_accum_steps = k` each
-  update averages the gradients of k micro-batches. `grad_clip_norm = 0` turns
+  last step. Steps count optimizer updates (with `config.train.grad_accum_steps
+  = k` each averages the gradients of k micro-batches). `grad_clip_norm = 0` turns
   clipping off; `no_decay` regexes select paths without weight decay.
   """
 
@@ -49,7 +49,6 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip_norm: float = 1.0
-  grad_accum_steps: int = 1
   no_decay: tuple[str, ...] = DEFAULT_NO_DECAY
 
   def __post_init__(self):
@@ -65,7 +64,6 @@ class OptimizerConfig:
     require(0.0 <= self.b2 < 1.0, f"{k}.b2", f"must be in [0, 1), got {self.b2}")
     require(self.eps > 0, f"{k}.eps", f"must be > 0, got {self.eps}")
     require(self.grad_clip_norm >= 0, f"{k}.grad_clip_norm", f"must be >= 0 (0 = off), got {self.grad_clip_norm}")
-    require(self.grad_accum_steps >= 1, f"{k}.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
     for i, pattern in enumerate(self.no_decay):
       try:
         re.compile(pattern)
@@ -110,7 +108,7 @@ def make_optimizer(
 
   `trainable_params` (arrays or ShapeDtypeStructs) fixes the tree the optimizer
   works on: pass only the trainable half of the params, never the frozen half.
-  Gradient accumulation (`grad_accum_steps`) happens inside the train step
+  Gradient accumulation (`config.train.grad_accum_steps`) happens inside the train step
   (`train.step.make_train_step`), so `update` is called once per optimizer step on
   the accumulated gradient, which is clipped as a whole.
   """

@@ -61,7 +61,7 @@ def abstract_train_program(cfg: RunConfig, mesh: Mesh, rules: Rules, *, process_
   trainable = layout.abstract_sharded(mesh, rules, trainable_paths)
   frozen = layout.abstract_sharded(mesh, rules, frozen_paths)  # as loaded: the step casts its compute copy
   opt_state = abstract_opt_state(tx, trainable)
-  accum = cfg.train.optimizer.grad_accum_steps
+  accum = cfg.train.grad_accum_steps
   shapes = batch_shapes(cfg.data, model_cfg.token_spec(), process_count)[-1]
   batch = {}
   for name, shape in shapes.items():
