@@ -202,14 +202,16 @@ def available_bytes() -> int:
   return 0
 
 
-def mesh_layers(requested: int) -> int:
-  """The most layers (up to `requested`) whose 8 data-parallel weight copies, plus one, fit in 85 % of free memory."""
+def mesh_layers(requested: int, decode_scan: bool) -> int:
+  """The most layers (up to `requested`) whose 8 data-parallel weight copies, plus one, fit in 85 % of free memory
+  (each copy twice while generating with `decode_scan` off: the per-layer weights are cut out of the stack)."""
   per_layer = 4 * (896 * (896 + 2 * 128 + 896) + 3 * 896 * 4864 + 896 + 2 * 128 + 2 * 896)
   embedding = 4 * 151936 * 896
   budget = 0.85 * available_bytes()
   copies = MESH_DEVICES + 1  # the data-parallel replicas and the one-device state
+  layer_copies = copies * (1 if decode_scan else 2)
   layers = requested
-  while layers > 1 and copies * (embedding + layers * per_layer) > budget:
+  while layers > 1 and copies * embedding + layer_copies * layers * per_layer > budget:
     layers -= 1
   return layers
 
@@ -222,7 +224,7 @@ def mesh_worker(args) -> None:
   from alm_jax import sharding  # pylint: disable=import-outside-toplevel
   from alm_jax.infer import generate as gen  # pylint: disable=import-outside-toplevel
 
-  layers = mesh_layers(args.layers)
+  layers = mesh_layers(args.layers, args.decode_scan)
   if layers < args.layers:
     print(f"mesh rows: {available_bytes() / 2**30:.1f} GiB free cannot hold {MESH_DEVICES} data-parallel copies "
           f"of {args.layers} layers; every mesh row uses {layers} layers", flush=True)
