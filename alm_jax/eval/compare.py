@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from alm_jax.errors import DataError
 from alm_jax.eval import report as report_lib
+from alm_jax.eval.report import cell, pct
 
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B2", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974",
           "#64B5CD")
@@ -108,14 +109,6 @@ def combine(paths: Sequence[str], labels: Sequence[str] | None = None) -> dict[s
 # ----------------------------------------------------------------------------- Markdown
 
 
-def _pct(value: Any) -> str:
-  return "–" if value is None else f"{100.0 * value:.1f}"
-
-
-def _cell(text: Any) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _shared(values: Sequence[Any], fmt) -> str:
   """One value when all reports agree, else each report's, separated by " / " ("–" where absent)."""
   present = [v for v in values if v is not None]
@@ -124,33 +117,26 @@ def _shared(values: Sequence[Any], fmt) -> str:
   return " / ".join("–" if v is None else fmt(v) for v in values)
 
 
-def _rows(block: Mapping[str, Any]):
-  yield "overall", "", block["overall"]
-  for key, _ in report_lib.GROUPS:
-    for name, by_label in block.get(key, {}).items():
-      yield key[len("by_") :].replace("_", " "), name, by_label
-
-
 def to_markdown(combined: Mapping[str, Any]) -> str:
   """Per scorer a table: group, name, each report's accuracy (or WER), n and random, in percent."""
   labels = [r["label"] for r in combined["reports"]]
   lines = [f"# {combined['benchmark']}: {len(labels)} reports side by side", "",
            "| column | report | checkpoint | n |", "| --- | --- | --- | ---: |"]
-  lines += [f"| {_cell(r['label'])} | {_cell(r['path'])} | {_cell(r.get('checkpoint') or '')} | {r.get('n')} |"
+  lines += [f"| {cell(r['label'])} | {cell(r['path'])} | {cell(r.get('checkpoint') or '')} | {r.get('n')} |"
             for r in combined["reports"]]
   lines.append("")
   for scorer, block in combined["scores"].items():
     wer = _metric(scorer) == "wer"
     lines += [f"## {scorer}: " + ("word error rate (%, lower is better)" if wer else "accuracy (%)"), ""]
-    lines.append("| group | name | " + " | ".join(_cell(l) for l in labels) + " | n |" + ("" if wer else " random |"))
+    lines.append("| group | name | " + " | ".join(cell(l) for l in labels) + " | n |" + ("" if wer else " random |"))
     lines.append("| --- | --- |" + " ---: |" * (len(labels) + (1 if wer else 2)))
-    for group, name, by_label in _rows(block):
+    for group, name, by_label in report_lib.rows_of(block):
       entries = [by_label.get(label) for label in labels]
-      cells = [_pct(e.get(_metric(scorer))) if e else "–" for e in entries]
+      cells = [pct(e.get(_metric(scorer))) if e else "–" for e in entries]
       n = _shared([e.get("n") if e else None for e in entries], str)
-      row = f"| {group} | {_cell(name)} | " + " | ".join(cells) + f" | {n} |"
+      row = f"| {group} | {cell(name)} | " + " | ".join(cells) + f" | {n} |"
       if not wer:
-        row += f" {_shared([e.get('random') if e else None for e in entries], _pct)} |"
+        row += f" {_shared([e.get('random') if e else None for e in entries], pct)} |"
       lines.append(row)
     lines.append("")
   return "\n".join(lines)
@@ -212,10 +198,8 @@ def write_comparison(combined: Mapping[str, Any], out_path: str, *, chart: bool 
   """Writes C.json, C.md and C.png (unless `chart` is False); returns the paths."""
   json_path, md_path, png_path = comparison_paths(out_path)
   os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-  with open(json_path, "w", encoding="utf-8") as f:
-    f.write(json.dumps(combined, indent=2, ensure_ascii=False) + "\n")
-  with open(md_path, "w", encoding="utf-8") as f:
-    f.write(to_markdown(combined) + "\n")
+  report_lib.atomic_write(json_path, json.dumps(combined, indent=2, ensure_ascii=False) + "\n")
+  report_lib.atomic_write(md_path, to_markdown(combined) + "\n")
   if not chart:
     return json_path, md_path, None
   plot(combined, png_path)

@@ -82,15 +82,18 @@ def make_report(benchmark: str, checkpoint: str, n: int, scores: Mapping[str, An
 # ----------------------------------------------------------------------------- Markdown
 
 
-def _pct(value: Any) -> str:
+def pct(value: Any) -> str:
+  """A fraction as a percentage with one decimal ("–" for None)."""
   return "–" if value is None else f"{100.0 * value:.1f}"
 
 
-def _cell(text: Any) -> str:
+def cell(text: Any) -> str:
+  """Text safe inside a Markdown table cell."""
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _rows_of(block: Mapping[str, Any]) -> Iterable[tuple[str, str, Mapping[str, Any]]]:
+def rows_of(block: Mapping[str, Any]) -> Iterable[tuple[str, str, Mapping[str, Any]]]:
+  """(group, name, entry) of a scorer block: overall first, then every grouping in `GROUPS` order."""
   yield "overall", "", block["overall"]
   for key, _ in GROUPS:
     for name, entry in block.get(key, {}).items():
@@ -106,42 +109,42 @@ def to_markdown(report: Mapping[str, Any]) -> str:
   lines.append("")
   if "wer" in scores:
     lines += ["## Word error rate (%)", "", "| group | name | n | words | WER |", "| --- | --- | ---: | ---: | ---: |"]
-    for group, name, entry in _rows_of(scores["wer"]):
-      lines.append(f"| {group} | {_cell(name)} | {entry['n']} | {entry.get('words', '')} | {_pct(entry['wer'])} |")
+    for group, name, entry in rows_of(scores["wer"]):
+      lines.append(f"| {group} | {cell(name)} | {entry['n']} | {entry.get('words', '')} | {pct(entry['wer'])} |")
     lines.append("")
   acc_scorers = [s for s in scores if s != "wer"]
   if acc_scorers:
     first = scores[acc_scorers[0]]
     header = "| group | name | n | " + " | ".join(acc_scorers) + " | random |"
     lines += ["## Accuracy (%)", "", header, "| --- | --- | ---: |" + " ---: |" * (len(acc_scorers) + 1)]
-    for group, name, entry in _rows_of(first):
+    for group, name, entry in rows_of(first):
       key = None if group == "overall" else "by_" + group.replace(" ", "_")
       cells = []
       for scorer in acc_scorers:
         other = scores[scorer]["overall"] if key is None else scores[scorer].get(key, {}).get(name)
-        cells.append(_pct(other["accuracy"]) if other else "–")
-      lines.append(f"| {group} | {_cell(name)} | {entry['n']} | " + " | ".join(cells) + f" | {_pct(entry['random'])} |")
+        cells.append(pct(other["accuracy"]) if other else "–")
+      lines.append(f"| {group} | {cell(name)} | {entry['n']} | " + " | ".join(cells) + f" | {pct(entry['random'])} |")
     for scorer in acc_scorers[1:]:  # groups only the later scorers have (e.g. judge on open items)
-      for group, name, entry in _rows_of(scores[scorer]):
+      for group, name, entry in rows_of(scores[scorer]):
         key = None if group == "overall" else "by_" + group.replace(" ", "_")
         if key is not None and name not in first.get(key, {}):
-          lines.append(f"| {group} ({scorer}) | {_cell(name)} | {entry['n']} | "
-                       + " | ".join(_pct(entry["accuracy"]) if s == scorer else "–" for s in acc_scorers)
-                       + f" | {_pct(entry['random'])} |")
+          lines.append(f"| {group} ({scorer}) | {cell(name)} | {entry['n']} | "
+                       + " | ".join(pct(entry["accuracy"]) if s == scorer else "–" for s in acc_scorers)
+                       + f" | {pct(entry['random'])} |")
     lines.append("")
   if report.get("notes"):
-    lines += ["## Notes", ""] + [f"- {_cell(note)}" for note in report["notes"]] + [""]
+    lines += ["## Notes", ""] + [f"- {cell(note)}" for note in report["notes"]] + [""]
   if report.get("skipped"):
     lines += ["## Skipped items", "", "| id | reason |", "| --- | --- |"]
-    lines += [f"| {_cell(s['id'])} | {_cell(s['reason'])} |" for s in report["skipped"]] + [""]
+    lines += [f"| {cell(s['id'])} | {cell(s['reason'])} |" for s in report["skipped"]] + [""]
   if report.get("unscored"):
     lines += ["## Listed, not scored", "", "| id | category | reason |", "| --- | --- | --- |"]
-    lines += [f"| {_cell(u['id'])} | {_cell(u.get('category', ''))} | {_cell(u['reason'])} |"
+    lines += [f"| {cell(u['id'])} | {cell(u.get('category', ''))} | {cell(u['reason'])} |"
               for u in report["unscored"]] + [""]
   for key, title in (("missing_predictions", "Items without a prediction (scored as empty answers)"),
                      ("unmatched_predictions", "Prediction ids that name no item (ignored)")):
     if report.get(key):  # `alm-jax eval --predictions` (alm_jax/eval/external.py)
-      lines += [f"## {title}", "", ", ".join(f"`{_cell(i)}`" for i in report[key]), ""]
+      lines += [f"## {title}", "", ", ".join(f"`{cell(i)}`" for i in report[key]), ""]
   return "\n".join(lines)
 
 
@@ -152,10 +155,10 @@ def summary(report: Mapping[str, Any]) -> str:
   for scorer, block in scores.items():
     overall = block["overall"]
     value = overall.get("wer" if scorer == "wer" else "accuracy")
-    parts.append(f"{scorer} {_pct(value)}%")
+    parts.append(f"{scorer} {pct(value)}%")
   randoms = [b["overall"].get("random") for s, b in scores.items() if s != "wer" and b["overall"].get("random")]
   if randoms:
-    parts.append(f"random {_pct(randoms[0])}%")
+    parts.append(f"random {pct(randoms[0])}%")
   return (f"{report.get('benchmark', '?')}: " + ", ".join(parts) + f" | n={report.get('n', 0)}, "
           f"skipped {len(report.get('skipped', []))}, unscored {len(report.get('unscored', []))}")
 
@@ -213,7 +216,8 @@ def plot(report: Mapping[str, Any], path: str) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file, so a reader never sees half a file."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
@@ -230,8 +234,8 @@ def write_report(report: Mapping[str, Any], out_path: str, *, chart: bool = True
   """Writes report.json, report.md and report.png (the chart unless `chart` is False); returns the paths."""
   json_path, md_path, png_path = report_paths(out_path)
   os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-  _atomic_write(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-  _atomic_write(md_path, to_markdown(report) + "\n")
+  atomic_write(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+  atomic_write(md_path, to_markdown(report) + "\n")
   if not chart:
     return json_path, md_path, None
   plot(report, png_path)
