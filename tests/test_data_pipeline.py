@@ -37,7 +37,8 @@ def tok(data_dir):
 
 
 def cfg(path, **kw):
-  base = {"path": str(path), "batch_size": 4, "length_buckets": BUCKETS}
+  # One example per row (bucketing by (L, K)); packing has its own tests (test_packing.py).
+  base = {"path": str(path), "batch_size": 4, "length_buckets": BUCKETS, "packing": False}
   base.update(kw)
   return DataConfig.from_config(base)
 
@@ -68,8 +69,9 @@ def test_batches_follow_the_contract(data_dir, tok):
   for b in batches(ds):
     assert set(b) == set(BATCH_KEYS)
     dtypes = {k: str(v.dtype) for k, v in b.items()}
-    assert dtypes == {"tokens": "int32", "token_mask": "bool", "loss_mask": "float32", "audio": "float32",
-                      "audio_samples": "int32", "audio_clip": "int32", "example_id": "int64"}
+    assert dtypes == {"tokens": "int32", "token_mask": "bool", "loss_mask": "float32", "segment_ids": "int32",
+                      "audio": "float32", "audio_samples": "int32", "audio_clip": "int32", "example_id": "int64"}
+    assert (b["segment_ids"] == b["token_mask"]).all()  # eval splits: one example per row
     B, L = b["tokens"].shape
     B2, K, S = b["audio"].shape
     assert B == B2 == 4 and L in BUCKETS and K in windows and S == SPEC.window_samples

@@ -31,6 +31,11 @@ default), L a length bucket (`data.length_buckets`), K a window bucket
   token_mask    bool    [B, L]     True on real tokens.
   loss_mask     float32 [B, L]     1.0 on tokens to predict (assistant answers and their
                                    end-of-turn token), 0 on prompt, audio and padding.
+  segment_ids   int32   [B, L]     which example of the row a token belongs to: 1, 2, …
+                                   in row order, 0 on padding. Without packing every
+                                   real token is 1. A packed row holds its examples back
+                                   to back; the model restarts positions at each segment
+                                   and attends only within it.
   audio         float32 [B, K, S]  16 kHz PCM windows of row b in slots 0..n_b-1: its
                                    clips in the order their placeholder spans appear in
                                    `tokens`, each clip cut into `num_windows(samples,
@@ -39,15 +44,21 @@ default), L a length bucket (`data.length_buckets`), K a window bucket
                                    past n_b are zero.
   audio_samples int32   [B, K]     real samples in each slot (0 for padding slots).
   audio_clip    int32   [B, K]     the slot's clip index within its row (0, 1, … in
-                                   placeholder order); -1 for padding slots (a padding
-                                   row is all -1).
-  example_id    int64   [B]        source index of each example; -1 for padding rows.
+                                   placeholder order, counted across a packed row's
+                                   examples); -1 for padding slots (a padding row is
+                                   all -1).
+  example_id    int64   [B]        source index of each row's (first) example; -1 for
+                                   padding rows.
 
 Every batch has exactly B rows (missing rows are padding: token_mask False,
 loss_mask 0, example_id -1) and one of a few (L, K) shapes, so the train step
 compiles a handful of programs. K is the smallest window bucket holding the
 most windows any row of the global batch needs; an example needing more
-windows than the largest bucket is a bad example. With `data.group_by_length`
+windows than the largest bucket is a bad example. With `data.packing` (training
+only) rows are filled first fit up to the largest length bucket and the largest
+window bucket, so a row never needs more windows than a bucket holds; a batch's
+(L, K) is then the smallest bucket pair holding its fullest row. Otherwise, with
+`data.group_by_length`
 examples are grouped by (length bucket, window bucket), so rows with many
 windows batch together and single-clip rows are not padded to many slots; a
 global batch is emitted when its bucket holds `data.batch_size` examples, and a
@@ -92,7 +103,8 @@ from alm_jax.models.audio_slots import AudioTokenSpec
 
 log = logging.getLogger("alm_jax.data")
 
-BATCH_KEYS = ("tokens", "token_mask", "loss_mask", "audio", "audio_samples", "audio_clip", "example_id")
+BATCH_KEYS = ("tokens", "token_mask", "loss_mask", "segment_ids", "audio", "audio_samples", "audio_clip",
+              "example_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +122,14 @@ class DataConfig:
     window_buckets: allowed audio windows per row K (default: 1, 2, 4, …
       doubling, capped at and including max_clips × spec.max_windows).
     max_clips: most clips one example may hold.
-    group_by_length: batch examples of the same length bucket together.
+    group_by_length: batch examples of the same length bucket together
+      (without packing).
+    packing: pack several training examples into one row (train split only;
+      eval splits keep one example per row): first fit into rows of the
+      largest length bucket and the largest window bucket, over a pool of
+      2 × batch_size open rows; a batch takes the fullest rows. Each example
+      is a segment (`segment_ids`); positions restart and attention stays
+      within it (see the batch contract).
     shuffle / seed / num_epochs: train order (reshuffled every epoch); None
       epochs repeats forever. Eval splits are read once, in order.
     workers: decoding processes (0: decode in this process); read_threads:
@@ -139,6 +158,7 @@ class DataConfig:
   window_buckets: tuple[int, ...] = ()
   max_clips: int = 4
   group_by_length: bool = True
+  packing: bool = True
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = None
@@ -214,7 +234,7 @@ def batch_shapes(cfg: DataConfig, spec: AudioTokenSpec, process_count: int = 1) 
   out = []
   for length in cfg.length_buckets:
     for k in cfg.window_sizes(spec):
-      out.append({"tokens": (b, length), "token_mask": (b, length), "loss_mask": (b, length),
+      out.append({"tokens": (b, length), "token_mask": (b, length), "loss_mask": (b, length), "segment_ids": (b, length),
                   "audio": (b, k, spec.window_samples), "audio_samples": (b, k), "audio_clip": (b, k),
                   "example_id": (b,)})
   return out
@@ -223,20 +243,23 @@ def batch_shapes(cfg: DataConfig, spec: AudioTokenSpec, process_count: int = 1) 
 # --- batching -------------------------------------------------------------------------------
 
 
-def collate(examples: Sequence[dict], batch: int, length: int, windows_per_row: int, spec: AudioTokenSpec,
-            pad_id: int) -> dict[str, np.ndarray]:
-  """Packs prepared examples into one fixed-shape batch of `batch` rows (see the module docstring).
+def collate(examples: Sequence[dict | Sequence[dict] | None], batch: int, length: int, windows_per_row: int,
+            spec: AudioTokenSpec, pad_id: int) -> dict[str, np.ndarray]:
+  """Lays prepared examples into one fixed-shape batch of `batch` rows (see the module docstring).
 
   Each example dict holds `tokens`, `loss_mask`, `id`, and its windows back to
   back in `pcm` with `window_samples` / `window_clip` (clip rank in placeholder
-  order) per window; row r's windows land in slots 0..n_r-1 of `audio[r]`. A
-  `None` example, and every row past the last example, is a padding row.
+  order) per window; row r's windows land in slots 0..n_r-1 of `audio[r]`. An
+  element is one example, a sequence of examples packed into one row (segments
+  1, 2, … back to back, clip ranks continuing across them), or `None`: a
+  padding row, as is every row past the last element.
   """
   size = spec.window_samples
   out = {
       "tokens": np.full((batch, length), pad_id, np.int32),
       "token_mask": np.zeros((batch, length), bool),
       "loss_mask": np.zeros((batch, length), np.float32),
+      "segment_ids": np.zeros((batch, length), np.int32),
       "audio": np.zeros((batch, windows_per_row, size), np.float32),
       "audio_samples": np.zeros((batch, windows_per_row), np.int32),
       "audio_clip": np.full((batch, windows_per_row), -1, np.int32),
@@ -244,26 +267,34 @@ def collate(examples: Sequence[dict], batch: int, length: int, windows_per_row: 
   }
   if len(examples) > batch:
     raise ValueError(f"{len(examples)} examples do not fit a batch of {batch} rows")
-  for row, ex in enumerate(examples):
-    if ex is None:  # a padding row
-      continue
-    n = ex["tokens"].size
+  for row, element in enumerate(examples):
+    segments = [] if element is None else [element] if isinstance(element, dict) else list(element)
+    n = sum(ex["tokens"].size for ex in segments)
     if n > length:
-      raise ValueError(f"example {ex['id']} has {n} tokens, more than the batch length {length}")
-    counts = ex["window_samples"]
-    if counts.size > windows_per_row:
-      raise ValueError(f"example {ex['id']} has {counts.size} audio windows, more than the {windows_per_row} slots "
-                       "of a row")
-    out["tokens"][row, :n] = ex["tokens"]
-    out["token_mask"][row, :n] = True
-    out["loss_mask"][row, :n] = ex["loss_mask"]
-    out["example_id"][row] = ex["id"]
-    start = 0
-    for slot, (n_samples, clip) in enumerate(zip(counts.tolist(), ex["window_clip"].tolist())):
-      out["audio"][row, slot, :n_samples] = ex["pcm"][start : start + n_samples]
-      out["audio_samples"][row, slot] = n_samples
-      out["audio_clip"][row, slot] = clip
-      start += n_samples
+      raise ValueError(f"example {segments[0]['id']} ({len(segments)} in its row) has {n} tokens in its row, more "
+                       f"than the batch length {length}")
+    k = sum(ex["window_samples"].size for ex in segments)
+    if k > windows_per_row:
+      raise ValueError(f"example {segments[0]['id']} ({len(segments)} in its row) has {k} audio windows in its row, "
+                       f"more than the {windows_per_row} slots of a row")
+    at = slot = clips = 0
+    for segment, ex in enumerate(segments, start=1):
+      end = at + ex["tokens"].size
+      out["tokens"][row, at:end] = ex["tokens"]
+      out["token_mask"][row, at:end] = True
+      out["loss_mask"][row, at:end] = ex["loss_mask"]
+      out["segment_ids"][row, at:end] = segment
+      at = end
+      start = 0
+      for n_samples, clip in zip(ex["window_samples"].tolist(), ex["window_clip"].tolist()):
+        out["audio"][row, slot, :n_samples] = ex["pcm"][start : start + n_samples]
+        out["audio_samples"][row, slot] = n_samples
+        out["audio_clip"][row, slot] = clips + clip
+        start += n_samples
+        slot += 1
+      clips += int(ex["window_clip"].max()) + 1 if ex["window_clip"].size else 0
+    if segments:
+      out["example_id"][row] = segments[0]["id"]
   return out
 
 
@@ -274,8 +305,10 @@ def pad_batch(batch: dict[str, np.ndarray], *, length: int, windows: int, pad_id
   if length < l0 or windows < k0:
     raise ValueError(f"cannot shrink a batch of L={l0}, K={k0} to L={length}, K={windows}")
   out = dict(batch)
-  fills = {"tokens": pad_id, "token_mask": False, "loss_mask": 0.0}
+  fills = {"tokens": pad_id, "token_mask": False, "loss_mask": 0.0, "segment_ids": 0}
   for key, fill in fills.items():
+    if key not in batch:  # a batch built before segment ids existed
+      continue
     out[key] = np.concatenate([batch[key], np.full((b, length - l0), fill, batch[key].dtype)], axis=1)
   size = batch["audio"].shape[2]
   out["audio"] = np.concatenate([batch["audio"], np.zeros((b, windows - k0, size), np.float32)], axis=1)
@@ -302,32 +335,38 @@ class SkipStats:
 
 @dataclasses.dataclass(frozen=True)
 class PlannedBatch:
-  """One global batch of the plan: measured examples for global rows 0..n-1 (n <= B), and its (L, K)."""
+  """One global batch of the plan: the measured examples of global rows 0..n-1 (n <= B; one example per
+  row, or several when packing), and its (L, K)."""
 
   index: int
-  examples: tuple[dict, ...]
+  rows: tuple[tuple[dict, ...], ...]
   length: int
   windows: int
 
 
 class BatchPlanner:
-  """The global batch sequence: measures the global order, buckets examples by (L, K), emits B-row batches.
+  """The global batch sequence: measures the global order, buckets examples by (L, K) — or packs them into
+  rows — and emits B-row batches.
 
   A function of the global order and the config alone, so every process (and
   every decoding worker) plans the same batches. Checkpointable: the state
-  holds the next position to measure, the positions waiting in buckets
-  (re-measured on restore), the skip counts and the number of batches planned.
+  holds the next position to measure, the positions waiting in buckets or in
+  open packed rows (re-measured on restore), the skip counts and the number of
+  batches planned.
   """
 
   FIRST_REASONS = 5
+  POOL_BATCHES = 2  # packing: open rows kept, in batches; a fuller pool fills rows better but delays examples
 
   def __init__(self, measured: grain.MapDataset, cfg: DataConfig, spec: AudioTokenSpec,
-               read_options: grain.ReadOptions, name: str):
+               read_options: grain.ReadOptions, name: str, pack: bool = False):
     self._measured, self._cfg, self._read_options, self._name = measured, cfg, read_options, name
     self._size = cfg.batch_size
     self._lengths = tuple(cfg.length_buckets)
     self._windows = cfg.window_sizes(spec)
     self._pending: dict[tuple[int, int], list[dict]] = {}
+    self._pack = pack
+    self._open: list[list[dict]] = []  # packing: rows being filled, in the order they were opened
     self._stats = SkipStats()
     self._next = 0  # global position of the next example to measure
     self._batches = 0  # batches planned so far
@@ -373,12 +412,39 @@ class BatchPlanner:
     self._check_rate()
     return None
 
-  def _emit(self, key: tuple[int, int]) -> PlannedBatch:
-    taken = self._pending.pop(key)
-    length = self._bucket(max(e["tokens"].size for e in taken), self._lengths)  # == key[0] when grouping
-    windows = self._bucket(max(e["windows"] for e in taken), self._windows)
+  def _batch(self, rows: list[list[dict]]) -> PlannedBatch:
+    length = self._bucket(max(sum(e["tokens"].size for e in row) for row in rows), self._lengths)
+    windows = self._bucket(max(sum(e["windows"] for e in row) for row in rows), self._windows)
     self._batches += 1
-    return PlannedBatch(self._batches - 1, tuple(taken), length, windows)
+    return PlannedBatch(self._batches - 1, tuple(tuple(row) for row in rows), length, windows)
+
+  def _emit(self, key: tuple[int, int]) -> PlannedBatch:
+    return self._batch([[e] for e in self._pending.pop(key)])  # L == key[0] when grouping
+
+  @staticmethod
+  def _row_size(row: list[dict]) -> tuple[int, int]:
+    return sum(e["tokens"].size for e in row), sum(e["windows"] for e in row)
+
+  def _emit_fullest(self) -> PlannedBatch:
+    """Packing: a batch of the B fullest open rows (by tokens), kept in the order they were opened."""
+    order = sorted(range(len(self._open)), key=lambda i: (-self._row_size(self._open[i])[0], i))
+    taken = sorted(order[: self._size])
+    rows = [self._open[i] for i in taken]
+    self._open = [row for i, row in enumerate(self._open) if i not in set(taken)]
+    return self._batch(rows)
+
+  def _place(self, ex: dict) -> PlannedBatch | None:
+    """Packing: puts `ex` into the first open row with room for its tokens and windows, else into a new row;
+    when the pool of open rows is full, the fullest B of them leave as a batch first."""
+    tokens, windows = ex["tokens"].size, ex["windows"]
+    for row in self._open:
+      used_tokens, used_windows = self._row_size(row)
+      if used_tokens + tokens <= self._lengths[-1] and used_windows + windows <= self._windows[-1]:
+        row.append(ex)
+        return None
+    batch = self._emit_fullest() if len(self._open) >= self.POOL_BATCHES * self._size else None
+    self._open.append([ex])
+    return batch
 
   def next(self) -> PlannedBatch:
     """The next global batch; raises StopIteration after a finite order's last (flushed) batch."""
@@ -386,6 +452,8 @@ class BatchPlanner:
       if self._exhausted:
         if self._pending:
           return self._emit(min(self._pending))  # partial buckets, in bucket order
+        if self._open:
+          return self._emit_fullest()
         raise StopIteration
       if self._stream is None:
         self._stream = iter(self._measured[self._next :].to_iter_dataset(self._read_options))
@@ -400,6 +468,11 @@ class BatchPlanner:
       ex = self._admit(ex)
       if ex is None:
         continue
+      if self._pack:
+        batch = self._place(ex)
+        if batch is not None:
+          return batch
+        continue
       key = self._key(ex)
       self._pending.setdefault(key, []).append(ex)
       if len(self._pending[key]) >= self._size:
@@ -410,11 +483,23 @@ class BatchPlanner:
     return {
         "next": self._next, "batches": self._batches, "exhausted": self._exhausted,
         "pending": {f"{l},{k}": [int(e["pos"]) for e in group] for (l, k), group in sorted(self._pending.items())},
+        "open_rows": [[int(e["pos"]) for e in row] for row in self._open] if self._pack else None,
         "seen": s.seen, "skipped": s.skipped, "filtered": s.filtered, "reasons": list(s.reasons),
     }
 
+  def _remeasured(self, pos: int) -> dict:
+    ex = self._measured[int(pos)]  # measured again here, identical by construction
+    if ex["status"] != "ok":
+      raise DataError(f"{self._name}: example at position {pos} of the saved state no longer prepares "
+                      f"({ex.get('reason', ex['status'])})")
+    return ex
+
   def set_state(self, state: dict[str, Any]) -> None:
     self.close()
+    if (state.get("open_rows") is not None) != self._pack:
+      raise DataError(f"{self._name}: the saved data-iterator state was written with data.packing="
+                      f"{not self._pack}; resume with the same data.packing")
+    self._open = [[self._remeasured(pos) for pos in row] for row in state.get("open_rows") or []]
     pending: dict[tuple[int, int], list[dict]] = {}
     for key, positions in state["pending"].items():
       l, _, k = key.partition(",")
@@ -422,11 +507,7 @@ class BatchPlanner:
         raise DataError(f"{self._name}: saved iterator state uses bucket (L, K) = ({key}), not in "
                         "data.length_buckets × data.window_buckets")
       for pos in positions:
-        ex = self._measured[int(pos)]  # measured again here, identical by construction
-        if ex["status"] != "ok":
-          raise DataError(f"{self._name}: example at position {pos} of the saved state no longer prepares "
-                          f"({ex.get('reason', ex['status'])})")
-        pending.setdefault((int(l), int(k)), []).append(ex)
+        pending.setdefault((int(l), int(k)), []).append(self._remeasured(pos))
     self._pending = pending
     self._next, self._batches = int(state["next"]), int(state["batches"])
     self._exhausted = bool(state["exhausted"])
@@ -453,10 +534,11 @@ class LoadBatchesDataset(grain.IterDataset):
   """
 
   def __init__(self, examples: grain.MapDataset, measured: grain.MapDataset, prepare: Prepare, cfg: DataConfig,
-               spec: AudioTokenSpec, rows: tuple[int, ...], read_options: grain.ReadOptions, name: str):
+               spec: AudioTokenSpec, rows: tuple[int, ...], read_options: grain.ReadOptions, name: str,
+               pack: bool = False):
     super().__init__()
     self.examples, self.measured, self.prepare, self.cfg, self.spec = examples, measured, prepare, cfg, spec
-    self.rows, self.read_options, self.name = rows, read_options, name
+    self.rows, self.read_options, self.name, self.pack = rows, read_options, name, pack
     self.first, self.step = 0, 1  # this worker's batches: first, first + step, ...
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
@@ -479,7 +561,7 @@ class LoadBatchesIterator(grain.DatasetIterator):
   def __init__(self, ds: LoadBatchesDataset):
     super().__init__()
     self._ds = ds
-    self._planner = BatchPlanner(ds.measured, ds.cfg, ds.spec, ds.read_options, ds.name)
+    self._planner = BatchPlanner(ds.measured, ds.cfg, ds.spec, ds.read_options, ds.name, pack=ds.pack)
     self._pool = None
     self._ended = False
 
@@ -496,10 +578,11 @@ class LoadBatchesIterator(grain.DatasetIterator):
         raise
       return None, str(e)
 
-  def _load(self, plan: PlannedBatch) -> tuple[list[dict | None], list[str]]:
-    """This process's rows of `plan`, in `rows` order; rows past the batch's examples are padding."""
-    metas = [plan.examples[r] if r < len(plan.examples) else None for r in self._ds.rows]
-    todo = [m for m in metas if m is not None]
+  def _load(self, plan: PlannedBatch) -> tuple[list[list[dict] | None], list[str]]:
+    """This process's rows of `plan`, in `rows` order; rows past the batch's rows are padding. An example
+    whose audio fails to decode (`skip_bad`) leaves its row; a row left empty is padding."""
+    metas = [plan.rows[r] if r < len(plan.rows) else () for r in self._ds.rows]
+    todo = [m for row in metas for m in row]
     threads = min(self._ds.cfg.read_threads, len(todo))
     if threads > 1:
       if self._pool is None:
@@ -508,14 +591,15 @@ class LoadBatchesIterator(grain.DatasetIterator):
     else:
       loaded = iter([self._load_one(m) for m in todo])
     rows, failed = [], []
-    for meta in metas:
-      if meta is None:
-        rows.append(None)
-        continue
-      example, reason = next(loaded)
-      rows.append(example)
-      if reason is not None:
-        failed.append(reason)
+    for row in metas:
+      kept = []
+      for _ in row:
+        example, reason = next(loaded)
+        if reason is None:
+          kept.append(example)
+        else:
+          failed.append(reason)
+      rows.append(kept or None)
     return rows, failed
 
   def __next__(self) -> dict[str, Any]:
@@ -707,7 +791,7 @@ def make_dataset(
   read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=max(cfg.batch_size,
                                                                                   2 * cfg.read_threads))
   name = f"{path} [{split}]"
-  it = LoadBatchesDataset(examples, measured, prepare, cfg, spec, rows, read, name)
+  it = LoadBatchesDataset(examples, measured, prepare, cfg, spec, rows, read, name, pack=train and cfg.packing)
   if cfg.workers > 0:
     # Small arrays (tokens) are pickled; audio travels through shared memory.
     it = grain.experimental.WithOptionsIterDataset(it, grain.experimental.DatasetOptions(min_shm_size=1 << 15))

@@ -24,7 +24,7 @@ from alm_jax.config import require
 from alm_jax.models import layers, tagging
 from alm_jax.models.audio_slots import AudioTokenSpec
 from alm_jax.models.beats import BeatsConfig, BeatsEncoder
-from alm_jax.models.llm import LLM, LLMConfig, positions_from_mask
+from alm_jax.models.llm import LLM, LLMConfig, positions_from_mask, positions_from_segments
 from alm_jax.models.partitioning import constrain, per_shard
 from alm_jax.models.projector import MLPProjector, ProjectorConfig
 from alm_jax.models.qformer import QFormer, QFormerConfig
@@ -317,6 +317,16 @@ def _splice_row(embeddings: jax.Array, tokens: jax.Array, audio: jax.Array, vali
   return jnp.where(is_slot[:, None], gathered, embeddings)
 
 
+def _row_layout(batch: Batch) -> dict[str, jax.Array | None]:
+  """The decoder's mask, positions and segment ids for a batch: packed rows (`segment_ids`, see
+  `alm_jax.data.pipeline`) restart positions per example and attend within it; otherwise one example per row."""
+  mask = batch["token_mask"]
+  segments = batch.get("segment_ids")
+  if segments is None:
+    return {"mask": mask, "positions": positions_from_mask(mask), "segment_ids": None}
+  return {"mask": mask, "positions": positions_from_segments(segments), "segment_ids": segments}
+
+
 def splice_audio(
     embeddings: jax.Array, tokens: jax.Array, audio: jax.Array, audio_valid: jax.Array, placeholder_id: int
 ) -> jax.Array:
@@ -399,9 +409,8 @@ class AudioLanguageModel(nnx.Module):
 
   def __call__(self, batch: Batch) -> jax.Array:
     """Float32 logits [B, L, V] for a batch of the pipeline's contract."""
-    mask = batch["token_mask"]
     embeddings = self.input_embeddings(batch)
-    logits, _ = self.llm(embeddings=embeddings, positions=positions_from_mask(mask), mask=mask)
+    logits, _ = self.llm(embeddings=embeddings, **_row_layout(batch))
     return logits
 
   def loss(self, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -410,11 +419,12 @@ class AudioLanguageModel(nnx.Module):
     With `loss_chunk_tokens` > 0 the float32 logits exist one chunk of positions at a time
     (`chunked_cross_entropy`), never as a whole `[batch, length, vocab]` array.
     """
-    mask = batch["token_mask"]
-    hidden, _ = self.llm(embeddings=self.input_embeddings(batch), positions=positions_from_mask(mask), mask=mask,
-                         return_hidden=True)
+    hidden, _ = self.llm(embeddings=self.input_embeddings(batch), **_row_layout(batch), return_hidden=True)
     targets = batch["tokens"][:, 1:]
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["token_mask"][:, 1:]
+    if batch.get("segment_ids") is not None:  # a packed row's last token never predicts the next example's first
+      segments = batch["segment_ids"]
+      weights = weights * (segments[:, 1:] == segments[:, :-1])
     loss_sum, correct_sum = chunked_cross_entropy(self.llm.logits, hidden[:, :-1], targets, weights,
                                                   self.cfg.loss_chunk_tokens)
     count = weights.sum()

@@ -208,6 +208,19 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions [B, L] int32 that restart at 0 where each segment of a packed row starts.
+
+  `segment_ids` [B, L] numbers a row's examples 1, 2, … (0 = padding) and each
+  segment is contiguous, so a packed example sees exactly the positions it
+  would see alone in a right-padded row (padding counts on from the last segment).
+  """
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+  previous = jnp.pad(segment_ids[..., :-1], [(0, 0)] * (segment_ids.ndim - 1) + [(1, 0)], constant_values=-1)
+  starts = jnp.where((segment_ids != previous) & (segment_ids > 0), index, 0)
+  return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
+
+
 # ---------------------------------------------------------------------------
 # Modules.
 
@@ -247,11 +260,13 @@ class Attention(nnx.Module):
       mask: jax.Array,
       kv: dict[str, jax.Array] | None = None,
       cache_index: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """x [B, T, D] → ([B, T, D], updated kv or None).
 
     Without `kv`, causal self-attention over the T tokens and `mask` [B, T]
-    marks real keys; with `kv`, `mask` [B, 1, T, S] says which cache slots each
+    marks real keys (`segment_ids` [B, T]: a query sees only keys of its own
+    packed example); with `kv`, `mask` [B, 1, T, S] says which cache slots each
     query sees (causal and valid).
     """
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -263,7 +278,7 @@ class Attention(nnx.Module):
       new_kv, k, v = write_cache(kv, k, v, cache_index)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     if kv is None:
-      out = attention.attention(q, k, v, impl=self.impl, causal=True, key_valid=mask)
+      out = attention.attention(q, k, v, impl=self.impl, causal=True, key_valid=mask, segment_ids=segment_ids)
     else:
       out = attention.attention(q, k, v, impl=self.cached_impl, mask=mask)
     return self.o_proj(out), new_kv
@@ -330,9 +345,10 @@ class DecoderLayer(nnx.Module):
       mask: jax.Array,
       kv: dict[str, jax.Array] | None = None,
       cache_index: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """x [B, T, D] → ([B, T, D], updated kv or None); see `Attention.__call__`."""
-    h, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv, cache_index)
+    h, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv, cache_index, segment_ids)
     x = x + h
     x = x + self.mlp(self.post_attention_norm(x))
     return constrain(x, ("batch", "length", "embed")), new_kv
@@ -399,6 +415,7 @@ class LLM(nnx.Module):
       cache_index: jax.Array | int | None = None,
       return_hidden: bool = False,
       layers: nnx.List | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Runs the decoder on tokens [B, L] or embeddings [B, L, D].
 
@@ -422,7 +439,9 @@ class LLM(nnx.Module):
     if positions is None:
       if cache is not None:
         raise ValueError("positions are required with a cache")
-      positions = positions_from_mask(mask)
+      positions = positions_from_mask(mask) if segment_ids is None else positions_from_segments(segment_ids)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) are for training and scoring, not for decoding with a cache")
     x = constrain(x, ("batch", "length", "embed"))
     cos, sin = rope_tables(self.cfg, positions)
 
@@ -452,7 +471,7 @@ class LLM(nnx.Module):
       new_kvs = {"k": kv["k"], "v": kv["v"]}
     else:
       def body(layer: DecoderLayer, x: jax.Array, kv: dict[str, jax.Array] | None):
-        return layer(x, cos, sin, attn_mask, kv, cache_index)
+        return layer(x, cos, sin, attn_mask, kv, cache_index, segment_ids)
 
       x, new_kvs = stack.run(layers, body, x, remat=self.cfg.remat, per_layer=kvs)
     new_cache = None if cache is None else {"layers": new_kvs, "valid": valid}

@@ -131,6 +131,10 @@ class Trainer:
     self.tokenizer = load_tokenizer(cfg.data, template or cfg.data.template)
     self.model_cfg = resolve_model_config(cfg.model, self.tokenizer)
     self.objective = cfg.train.objective  # `tagging`: the head exists only while the encoders pretrain alone
+    if self.objective == "tagging" and cfg.data.packing:
+      # The tagger pools a row's windows as one clip; packing would also save nothing there (its cost is per
+      # window, not per token), so tagging rows hold one example each.
+      cfg = self.cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=False))
     self.model_cfg = model_config_for(self.model_cfg, self.objective)
     # Special tokens end answers but are not words a clip can be tagged with.
     self.ignore_tag_ids = tuple(sorted({i for i in (self.tokenizer.end_of_turn_id, self.tokenizer.eos_id,

@@ -24,8 +24,8 @@ from alm_jax.train import stages as stages_lib
 from alm_jax.train.optimizer import abstract_opt_state, make_optimizer
 from alm_jax.train.step import make_train_step, model_config_for
 
-BATCH_DTYPES = {"tokens": jnp.int32, "token_mask": jnp.bool_, "loss_mask": jnp.float32, "audio": jnp.float32,
-                "audio_samples": jnp.int32, "audio_clip": jnp.int32}
+BATCH_DTYPES = {"tokens": jnp.int32, "token_mask": jnp.bool_, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
+                "audio": jnp.float32, "audio_samples": jnp.int32, "audio_clip": jnp.int32}
 
 
 @dataclasses.dataclass
