@@ -63,6 +63,11 @@ class TrainConfig:
       the step that consumes them, while the device computes (0: load each
       batch when its step starts). Checkpoints still save the data iterator as
       it was right after the last batch a step consumed, so resume is exact.
+    compilation_cache_dir: JAX's persistent compilation cache, so a rerun or a
+      resumed run loads the compiled train and eval steps instead of compiling
+      them again: "" is `<workdir>/compile_cache`, "none" sets no cache, any
+      other value is the folder (stages that share one share their compiled
+      steps). Ignored when the environment sets JAX_COMPILATION_CACHE_DIR.
   """
 
   stage: str = "full"
@@ -84,6 +89,7 @@ class TrainConfig:
   peak_flops_per_device: float = 0.0
   sync_every: int = 10
   prefetch_batches: int = 2
+  compilation_cache_dir: str = ""
 
   def __post_init__(self):
     require(self.steps >= 1, "config.train.steps", f"must be >= 1, got {self.steps}")

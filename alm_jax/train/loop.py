@@ -58,6 +58,44 @@ class TrainingError(UserError):
   """The run cannot go on (non-finite loss, mismatched workdir)."""
 
 
+# Compiles shorter than this are not written to the persistent cache: lowered from JAX's 1 s so a small
+# model's train and eval steps are kept too (a cache hit still traces and lowers the step: only XLA's
+# compile is skipped).
+CACHE_MIN_COMPILE_SECONDS = 0.5
+_cache_dir_set_here: str | None = None  # the folder the last Trainer pointed JAX's cache at
+
+
+def use_compilation_cache(setting: str, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `train.compilation_cache_dir`; returns the folder in use.
+
+  "" is `<workdir>/compile_cache`; "none" sets no cache (and undoes one an earlier Trainer
+  in this process set). JAX_COMPILATION_CACHE_DIR in the environment wins and is left alone.
+  JAX opens its cache once per process, so a change of folder (the next stage of a chain
+  run in one process) resets it to open the new one.
+  """
+  global _cache_dir_set_here  # pylint: disable=global-statement
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  current = jax.config.jax_compilation_cache_dir
+  if setting == "none":
+    if current and current == _cache_dir_set_here:
+      jax.config.update("jax_compilation_cache_dir", None)
+      compilation_cache.reset_cache()
+      _cache_dir_set_here = None
+      return None
+    return current
+  path = os.path.abspath(os.path.expanduser(setting or os.path.join(workdir, "compile_cache")))
+  if current != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  _cache_dir_set_here = path
+  return path
+
+
 class MetricWindow:
   """The train metrics between fetch points (on the devices) and of the current log window (on the host).
 
@@ -382,6 +420,7 @@ class Trainer:
     """Trains to `train.steps`; returns the last logged metrics."""
     cfg = self.cfg
     train = cfg.train
+    self.compilation_cache_dir = use_compilation_cache(train.compilation_cache_dir, self.workdir)
     if self.main:  # the run directory carries its tokenizer, so checkpoints are self-contained
       os.makedirs(self.workdir, exist_ok=True)
       self.tokenizer.save(os.path.join(self.workdir, "tokenizer.json"))
