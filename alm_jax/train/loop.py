@@ -232,7 +232,9 @@ class Trainer:
   def __init__(self, cfg: RunConfig, workdir: str, *, template: str | None = None, quiet: bool = False,
                guard_transfers: bool = False):
     """`guard_transfers`: run the steps between fetch points under JAX's device-to-host transfer
-    guard, so any transfer there (a metric fetched every step) raises (tests)."""
+    guard, so a transfer there (a metric fetched every step) raises; for tests. On GPU/TPU only:
+    CPU arrays already live in host memory, so on CPU the guard sees nothing (tests/test_quiet_loop.py
+    watches host reads itself)."""
     self.cfg = cfg
     self.guard_transfers = guard_transfers
     self.workdir = os.path.abspath(workdir)
