@@ -28,6 +28,7 @@ SLOW_FILES = {
     "test_alm_sharding.py": 400, "test_alm_sharding_bf16.py": 340, "test_demo.py": 325, "test_eval_mesh.py": 220,
     "test_train_loop.py": 175, "test_multihost.py": 165, "test_relative_paths.py": 125, "test_aot.py": 120,
     "test_alm_train_command.py": 110, "test_compile_fit.py": 100, "test_precision.py": 70,
+    "test_quiet_loop.py": 100, "test_compilation_cache.py": 65,  # measured alone (-n 0) on the busy cores
 }
 
 

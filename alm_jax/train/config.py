@@ -52,6 +52,22 @@ class TrainConfig:
       with a k-th of the activation memory).
     optimizer / checkpoint: see `OptimizerConfig`, `CheckpointConfig`.
     peak_flops_per_device: for the MFU estimate; 0 measures a matmul at start.
+    sync_every: steps between cross-process checks that every process agrees
+      to stop (a preemption notice on any process), and always at a
+      checkpoint step. Each check is an all-gather that runs on the devices
+      behind the queued train steps, so the host waits for them to finish and
+      stops running ahead; default 10 keeps that to one step in ten, while a
+      preempted run still stops within 9 steps, well inside the usual grace
+      period before SIGKILL. A single-process run stops on the next step.
+    prefetch_batches: global batches loaded and put on the devices ahead of
+      the step that consumes them, while the device computes (0: load each
+      batch when its step starts). Checkpoints still save the data iterator as
+      it was right after the last batch a step consumed, so resume is exact.
+    compilation_cache_dir: JAX's persistent compilation cache, so a rerun or a
+      resumed run loads the compiled train and eval steps instead of compiling
+      them again: "" is `<workdir>/compile_cache`, "none" sets no cache, any
+      other value is the folder (stages that share one share their compiled
+      steps). Ignored when the environment sets JAX_COMPILATION_CACHE_DIR.
   """
 
   stage: str = "full"
@@ -71,6 +87,9 @@ class TrainConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   checkpoint: CheckpointConfig = CheckpointConfig(keep_last=2)
   peak_flops_per_device: float = 0.0
+  sync_every: int = 10
+  prefetch_batches: int = 2
+  compilation_cache_dir: str = ""
 
   def __post_init__(self):
     require(self.steps >= 1, "config.train.steps", f"must be >= 1, got {self.steps}")
@@ -80,6 +99,8 @@ class TrainConfig:
     require(self.eval_batches >= 0, "config.train.eval_batches", f"must be >= 0, got {self.eval_batches}")
     require(self.grad_accum_steps >= 1, "config.train.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
     require(self.peak_flops_per_device >= 0, "config.train.peak_flops_per_device", "must be >= 0")
+    require(self.sync_every >= 1, "config.train.sync_every", f"must be >= 1, got {self.sync_every}")
+    require(self.prefetch_batches >= 0, "config.train.prefetch_batches", f"must be >= 0, got {self.prefetch_batches}")
     self.stage_config  # validates stage, stages and freeze
 
   @property

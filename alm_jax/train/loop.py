@@ -2,18 +2,26 @@
 set-up → parameters (resume | init_from | pretrained | random) → optimizer →
 data → compile → steps (log, validate, checkpoint, preemption) → final save.
 
+The step loop does not wait on the devices between fetch points: each step's
+metrics stay on the devices until the next log, validation or checkpoint step
+(or the last step, or a stop), where the whole window is fetched at once and
+checked for non-finite steps before anything is saved; the next batches are
+loaded and placed while the current step runs (`train.prefetch_batches`); and
+processes compare preemption flags only every `train.sync_every` steps.
+
 Running the same command again in the same workdir resumes from the latest
 checkpoint, data iterator included, so the loss curve continues step for step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +42,7 @@ from alm_jax.train import flops as flops_lib
 from alm_jax.train import stages as stages_lib
 from alm_jax.train.metrics import MetricsWriter, format_scalars
 from alm_jax.train.optimizer import abstract_opt_state, learning_rate_at, make_optimizer
+from alm_jax.train.prefetch import BatchPrefetcher
 from alm_jax.train.preemption import install_preemption_handler
 from alm_jax.train.pretrained import load_pretrained_towers
 from alm_jax.train.step import jit_train_step, make_eval_step, model_config_for, stack_micro_batches
@@ -47,6 +56,105 @@ TAGGING_TRAINS = r"^(encoder|tagger)/"
 
 class TrainingError(UserError):
   """The run cannot go on (non-finite loss, mismatched workdir)."""
+
+
+# Compiles shorter than this are not written to the persistent cache: lowered from JAX's 1 s so a small
+# model's train and eval steps are kept too (a cache hit still traces and lowers the step: only XLA's
+# compile is skipped).
+CACHE_MIN_COMPILE_SECONDS = 0.5
+_cache_dir_set_here: str | None = None  # the folder the last Trainer pointed JAX's cache at
+
+
+def use_compilation_cache(setting: str, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `train.compilation_cache_dir`; returns the folder in use.
+
+  "" is `<workdir>/compile_cache`; "none" sets no cache (and undoes one an earlier Trainer
+  in this process set). JAX_COMPILATION_CACHE_DIR in the environment wins and is left alone.
+  JAX opens its cache once per process, so a change of folder (the next stage of a chain
+  run in one process) resets it to open the new one.
+  """
+  global _cache_dir_set_here  # pylint: disable=global-statement
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  current = jax.config.jax_compilation_cache_dir
+  if setting == "none":
+    if current and current == _cache_dir_set_here:
+      jax.config.update("jax_compilation_cache_dir", None)
+      compilation_cache.reset_cache()
+      _cache_dir_set_here = None
+      return None
+    return current
+  path = os.path.abspath(os.path.expanduser(setting or os.path.join(workdir, "compile_cache")))
+  if current != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  _cache_dir_set_here = path
+  return path
+
+
+class MetricWindow:
+  """The train metrics between fetch points (on the devices) and of the current log window (on the host).
+
+  `add` keeps a step's metric dict as the step returned it, without waiting for it.
+  `fetch` copies all pending steps to the host in one transfer, raises TrainingError
+  at the first step whose update was refused as non-finite, and adds the rest to the
+  log window; wall time counts from `resume_clock` to the end of the fetch, less any
+  compile time, so validation, saving and logging stay out of the step times.
+  `summary` averages the log window and starts a new one.
+  """
+
+  def __init__(self):
+    self.pending: list[tuple[int, dict, float]] = []  # (step number, device metrics, step FLOPs per device)
+    self._clear()
+    self._clock_start = time.perf_counter()
+    self._compile_start = 0.0
+
+  def _clear(self) -> None:
+    self.steps = 0
+    self.sums = {"loss": 0.0, "grad_norm": 0.0, "token_accuracy": 0.0}
+    self.tokens = self.flops = self.seconds = 0.0
+
+  def resume_clock(self, compile_seconds: float) -> None:
+    """Starts timing the next steps (`compile_seconds`: the Trainer's compile total now)."""
+    self._clock_start = time.perf_counter()
+    self._compile_start = compile_seconds
+
+  def add(self, step: int, metrics: dict, step_flops: float) -> None:
+    self.pending.append((step, metrics, step_flops))
+
+  def fetch(self, compile_seconds: float, latest_saved: Callable[[], Any]) -> None:
+    """Brings the pending steps to the host; raises TrainingError naming the first non-finite step."""
+    if not self.pending:
+      return
+    host = jax.device_get([m for _, m, _ in self.pending])
+    self.seconds += time.perf_counter() - self._clock_start - (compile_seconds - self._compile_start)
+    for (step, _, step_flops), metrics in zip(self.pending, host):
+      if not metrics["finite"]:
+        self.pending = []
+        raise TrainingError(
+            f"non-finite loss ({float(metrics['loss'])}) or gradient norm ({float(metrics['grad_norm'])}) at "
+            f"step {step}; the update was not applied and nothing was saved after step {latest_saved()}")
+      for k in self.sums:
+        self.sums[k] += float(metrics[k])
+      self.tokens += float(metrics["tokens"])
+      self.flops += step_flops
+      self.steps += 1
+    self.pending = []
+
+  def summary(self, peak_flops: float) -> dict[str, float]:
+    """Means over the log window's steps (step time and throughput from its wall time); starts a new window."""
+    n = max(self.steps, 1)
+    seconds = max(self.seconds, 1e-9)
+    out = {k: v / n for k, v in self.sums.items()}
+    out["step_time"] = self.seconds / n
+    out["tokens_per_s"] = self.tokens / seconds
+    out["mfu"] = flops_lib.mfu(self.flops / n, self.seconds / n, peak_flops)
+    self._clear()
+    return out
 
 
 def load_tokenizer(data: DataConfig, template: str) -> Tokenizer:
@@ -121,8 +229,14 @@ def _check_tagging_stage(stage: str, trainable: list[str]) -> None:
 class Trainer:
   """One stage of training in one workdir."""
 
-  def __init__(self, cfg: RunConfig, workdir: str, *, template: str | None = None, quiet: bool = False):
+  def __init__(self, cfg: RunConfig, workdir: str, *, template: str | None = None, quiet: bool = False,
+               guard_transfers: bool = False):
+    """`guard_transfers`: run the steps between fetch points under JAX's device-to-host transfer
+    guard, so a transfer there (a metric fetched every step) raises; for tests. On GPU/TPU only:
+    CPU arrays already live in host memory, so on CPU the guard sees nothing (tests/test_quiet_loop.py
+    watches host reads itself)."""
     self.cfg = cfg
+    self.guard_transfers = guard_transfers
     self.workdir = os.path.abspath(workdir)
     self.main = distributed.is_main_process()
     self.quiet = quiet or not self.main
@@ -283,6 +397,7 @@ class Trainer:
   # The loop.
 
   def save(self, state: TrainState, iterator: Any, metrics: dict[str, float] | None = None) -> None:
+    """Checkpoints `state`; `iterator`: the data iterator's state as the step left it (see `BatchPrefetcher`)."""
     params = {**state.trainable, **state.frozen}
     saved = self.checkpointer.save(state.step, params, state.opt_state, stage=self.cfg.train.stage, mask=self.mask,
                                    config=self.cfg.to_dict() | {"model": dataclasses.asdict(self.model_cfg)},
@@ -290,10 +405,28 @@ class Trainer:
     if saved:
       self.say(f"saved checkpoint at step {state.step} in {self.checkpointer_dir}")
 
+  def next_global_batch(self, iterator: Any) -> dict:
+    """One step's global batch: `grad_accum_steps` local batches from `iterator`, checked and put on the devices."""
+    locals_ = [next(iterator) for _ in range(self.accum)]
+    for local in locals_:
+      check_audio_slots(local, self.spec, self.model_cfg.audio_token_id)
+      if self.objective == "tagging":
+        check_one_clip_per_example(local, self.model_cfg.audio_token_id)
+    if self.accum > 1:
+      return _micro_batches_to_global(locals_, self.mesh, self.rules, self.tokenizer.pad_id, self.cfg.data.batch_size)
+    return _local_batch_to_global(locals_[0], self.mesh, self.rules, self.cfg.data.batch_size)
+
+  def _steady(self) -> Any:
+    """The context the steps between fetch points run in: no device-to-host transfer when guarded."""
+    if self.guard_transfers:
+      return jax.transfer_guard_device_to_host("disallow_explicit")
+    return contextlib.nullcontext()
+
   def run(self) -> dict[str, Any]:
     """Trains to `train.steps`; returns the last logged metrics."""
     cfg = self.cfg
     train = cfg.train
+    self.compilation_cache_dir = use_compilation_cache(train.compilation_cache_dir, self.workdir)
     if self.main:  # the run directory carries its tokenizer, so checkpoints are self-contained
       os.makedirs(self.workdir, exist_ok=True)
       self.tokenizer.save(os.path.join(self.workdir, "tokenizer.json"))
@@ -310,61 +443,54 @@ class Trainer:
     peak, peak_source = flops_lib.peak_flops(jax.local_devices(), train.peak_flops_per_device)
     self.say(f"MFU is measured per device against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     writer = MetricsWriter(self.workdir, enabled=self.main, resume_step=state.step + 1)
-    watcher = install_preemption_handler()
-    window: dict[str, list[float]] = {}
+    watcher = install_preemption_handler(sync_every=train.sync_every)
+    # Batches are read ahead of the step, so a checkpoint saves the state recorded with the last consumed one.
+    prefetcher = BatchPrefetcher(iterator, lambda: self.next_global_batch(iterator), train.prefetch_batches,
+                                 limit=train.steps - state.step)
+    window = MetricWindow()
     last: dict[str, float] = {}
     progress = tqdm(total=train.steps, initial=state.step, disable=self.quiet, desc=f"train[{train.stage}]",
                     dynamic_ncols=True)
+    eval_every = train.eval_every or train.checkpoint_every
     try:
+      window.resume_clock(self.compile_seconds)
       while state.step < train.steps:
-        start = time.perf_counter()
-        compile_before = self.compile_seconds
-        locals_ = [next(iterator) for _ in range(self.accum)]
-        for local in locals_:
-          check_audio_slots(local, self.spec, self.model_cfg.audio_token_id)
-          if self.objective == "tagging":
-            check_one_clip_per_example(local, self.model_cfg.audio_token_id)
-        if self.accum > 1:
-          batch = _micro_batches_to_global(locals_, self.mesh, self.rules, self.tokenizer.pad_id, cfg.data.batch_size)
-        else:
-          batch = _local_batch_to_global(locals_[0], self.mesh, self.rules, cfg.data.batch_size)
-        compiled = self.compiled_train_step(state, batch)
-        state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)
-        metrics = jax.device_get(metrics)
-        if not metrics["finite"]:
-          raise TrainingError(
-              f"non-finite loss ({float(metrics['loss'])}) or gradient norm ({float(metrics['grad_norm'])}) at "
-              f"step {state.step + 1}; the update was not applied and nothing was saved after step "
-              f"{self.checkpointer.latest_step()}")
-        tokens = float(metrics["tokens"])
-        step_flops = self._step_flops[tuple((k, v.shape) for k, v in sorted(batch.items()))]
-        for k in ("loss", "grad_norm", "token_accuracy"):
-          window.setdefault(k, []).append(float(metrics[k]))
-        state.step += 1
-        seconds = time.perf_counter() - start - (self.compile_seconds - compile_before)
-        window.setdefault("step_time", []).append(seconds)
-        window.setdefault("tokens_per_s", []).append(tokens / seconds)
-        window.setdefault("mfu", []).append(flops_lib.mfu(step_flops, seconds, peak))
+        with self._steady():  # nothing here waits for the devices
+          batch = prefetcher.next()
+          compiled = self.compiled_train_step(state, batch)
+          state.trainable, state.opt_state, metrics = compiled(state.trainable, state.frozen, state.opt_state, batch)
+          state.step += 1
+          window.add(state.step, metrics, self._step_flops[tuple((k, v.shape) for k, v in sorted(batch.items()))])
+          del batch, metrics
+          prefetcher.fill()  # the next batches load and transfer while this step runs
         progress.update(1)
-        if state.step % train.log_every == 0 or state.step == train.steps:
-          last = {k: float(np.mean(v)) for k, v in window.items()}
+        final = state.step == train.steps
+        log_now = state.step % train.log_every == 0 or final
+        eval_now = state.step % eval_every == 0 or final
+        save_now = state.step % train.checkpoint_every == 0 or final
+        stop = watcher.should_stop(state.step, sync=save_now)
+        if not (log_now or eval_now or save_now or stop):
+          continue
+        # A fetch point: the window's metrics come to the host, and a non-finite step stops the run before
+        # anything after it is saved.
+        window.fetch(self.compile_seconds, self.checkpointer.latest_step)
+        if log_now:
+          last = window.summary(peak)
           last["learning_rate"] = learning_rate_at(train.optimizer, train.steps, state.step - 1)
           writer.write(state.step, last)
           progress.set_postfix_str(format_scalars({k: last[k] for k in ("loss", "learning_rate", "grad_norm")}))
-          window = {}
-        eval_every = train.eval_every or train.checkpoint_every
         val = None
-        if state.step % eval_every == 0 or state.step == train.steps:
+        if eval_now:
           val = self.validate(state)
           if val is not None:
             writer.write(state.step, val, prefix="val_")
             self.say(f"step {state.step}: validation {format_scalars(val)}")
-        stop = watcher.should_stop(state.step)
-        if state.step % train.checkpoint_every == 0 or state.step == train.steps or stop:
-          self.save(state, iterator, {"val_loss": val["loss"]} if val else None)
+        if save_now or stop:
+          self.save(state, prefetcher.consumed_state(), {"val_loss": val["loss"]} if val else None)
         if stop:
           self.say(f"preempted: saved step {state.step}, exiting")
           break
+        window.resume_clock(self.compile_seconds)
     finally:
       progress.close()
       writer.close()

@@ -18,7 +18,9 @@ class PreemptionWatcher:
   returns True the loop saves a checkpoint and exits cleanly. Multi-host runs
   agree on the answer: JAX's preemption sync point is used where the JAX
   preemption service runs, and otherwise the local flags are all-gathered
-  every `sync_every` steps, so all processes stop at the same step.
+  every `sync_every` steps (and whenever the caller passes `sync=True`, e.g. at
+  a checkpoint step), so all processes stop at the same step. The all-gather
+  waits for the devices, which is why it does not run every step.
   """
 
   def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), sync_every: int = 1):
@@ -63,8 +65,13 @@ class PreemptionWatcher:
   def __exit__(self, *exc) -> None:
     self.uninstall()
 
-  def should_stop(self, step: int) -> bool:
-    """True when the run should save at `step` and exit (same answer on every process)."""
+  def should_stop(self, step: int, sync: bool = False) -> bool:
+    """True when the run should save at `step` and exit (same answer on every process).
+
+    With one process a requested stop is seen at once. With several, the flags
+    are compared only when `step` is a multiple of `sync_every` or `sync` is
+    True; every process must pass the same `sync` for the same step.
+    """
     from jax.experimental import multihost_utils  # deferred: jax.experimental is heavy-ish
 
     try:
@@ -73,7 +80,7 @@ class PreemptionWatcher:
       synced = False
     if jax.process_count() == 1:
       return synced or self.requested
-    if step % self.sync_every:
+    if step % self.sync_every and not sync:
       return synced
     flags = multihost_utils.process_allgather(np.asarray(self.requested, dtype=np.int32))
     return synced or bool(np.any(flags))
