@@ -98,8 +98,8 @@ def resolve_config_path(path: str) -> str:
 
 
 def stage_config(config_path: str, plan: DemoPlan, stage: StagePlan, data_dir: str, init_from: str,
-                 overrides: Mapping[str, str]) -> RunConfig:
-  """The run config of one demo stage."""
+                 overrides: Mapping[str, str], compile_cache: str = "") -> RunConfig:
+  """The run config of one demo stage (`compile_cache`: the compilation cache folder all stages share)."""
   config = load_config(config_path)
   config.data.path = data_dir
   config.data.batch_size = plan.batch_size
@@ -114,6 +114,7 @@ def stage_config(config_path: str, plan: DemoPlan, stage: StagePlan, data_dir: s
   config.train.optimizer.warmup_steps = max(1, stage.steps // 10)
   config.train.checkpoint_every = stage.steps
   config.train.log_every = max(1, min(25, stage.steps // 4))
+  config.train.compilation_cache_dir = compile_cache
   if stage.lora:
     config.model.llm.lora_rank = 8
   apply_overrides(config, overrides)
@@ -165,7 +166,9 @@ def run_demo(workdir: str, *, scale: str = "full", config_path: str = DEFAULT_CO
   timings = {}
   for stage in plan.stages:
     stage_dir = os.path.join(workdir, "stages", stage.name)
-    cfg = stage_config(config_path, plan, stage, data_dir, init_from, overrides or {})
+    # One cache for every stage: a rerun of the demo loads its compiled programs instead of compiling again.
+    cfg = stage_config(config_path, plan, stage, data_dir, init_from, overrides or {},
+                       compile_cache=os.path.join(workdir, "compile_cache"))
     say(f"[demo] stage '{stage.name}': {stage.steps} steps in {stage_dir}")
     stage_start = time.perf_counter()
     Trainer(cfg, stage_dir, quiet=quiet).run()
