@@ -55,7 +55,7 @@ loss_mask 0, example_id -1) and one of a few (L, K) shapes, so the train step
 compiles a handful of programs. K is the smallest window bucket holding the
 most windows any row of the global batch needs; an example needing more
 windows than the largest bucket is a bad example. With `data.packing` (training
-only) rows are filled first fit up to the largest length bucket and the largest
+only) rows are filled best fit up to the largest length bucket and the largest
 window bucket, so a row never needs more windows than a bucket holds; a batch's
 (L, K) is then the smallest bucket pair holding its fullest row. Otherwise, with
 `data.group_by_length`
@@ -125,11 +125,12 @@ class DataConfig:
     group_by_length: batch examples of the same length bucket together
       (without packing).
     packing: pack several training examples into one row (train split only;
-      eval splits keep one example per row): first fit into rows of the
+      eval splits keep one example per row): best fit into rows of the
       largest length bucket and the largest window bucket, over a pool of
-      2 × batch_size open rows; a batch takes the fullest rows. Each example
-      is a segment (`segment_ids`); positions restart and attention stays
-      within it (see the batch contract).
+      4 × batch_size open rows; a batch takes rows of similar window counts
+      that fill its (L, K) buckets best, always with the oldest open row.
+      Each example is a segment (`segment_ids`); positions restart and
+      attention stays within it (see the batch contract).
     shuffle / seed / num_epochs: train order (reshuffled every epoch); None
       epochs repeats forever. Eval splits are read once, in order.
     workers: decoding processes (0: decode in this process); read_threads:
@@ -356,7 +357,7 @@ class BatchPlanner:
   """
 
   FIRST_REASONS = 5
-  POOL_BATCHES = 2  # packing: open rows kept, in batches; a fuller pool fills rows better but delays examples
+  POOL_BATCHES = 4  # packing: open rows kept, in batches; a larger pool fills rows better but delays examples
 
   def __init__(self, measured: grain.MapDataset, cfg: DataConfig, spec: AudioTokenSpec,
                read_options: grain.ReadOptions, name: str, pack: bool = False):
@@ -425,24 +426,46 @@ class BatchPlanner:
   def _row_size(row: list[dict]) -> tuple[int, int]:
     return sum(e["tokens"].size for e in row), sum(e["windows"] for e in row)
 
-  def _emit_fullest(self) -> PlannedBatch:
-    """Packing: a batch of the B fullest open rows (by tokens), kept in the order they were opened."""
-    order = sorted(range(len(self._open)), key=lambda i: (-self._row_size(self._open[i])[0], i))
-    taken = sorted(order[: self._size])
+  def _emit_packed(self) -> PlannedBatch:
+    """Packing: B open rows as a batch, chosen so that few of its token and window slots are padding.
+
+    The encoders run on every window slot of the batch (B × K) and the decoder on every
+    token slot (B × L), so rows of similar window counts go together: among the runs of
+    B rows in window-count order that hold the oldest open row (so no row waits for
+    ever), the one whose (L, K) buckets it fills best. Rows keep their opening order.
+    """
+    if len(self._open) <= self._size:
+      taken = list(range(len(self._open)))
+    else:
+      order = sorted(range(len(self._open)), key=lambda i: (self._row_size(self._open[i])[1], i))
+      at = order.index(0)
+      best, taken = -1.0, []
+      for first in range(max(0, at - self._size + 1), min(at, len(order) - self._size) + 1):
+        run = order[first : first + self._size]
+        sizes = [self._row_size(self._open[i]) for i in run]
+        length = self._bucket(max(t for t, _ in sizes), self._lengths)
+        windows = self._bucket(max(w for _, w in sizes), self._windows)
+        fill = sum(t for t, _ in sizes) / (self._size * length) + sum(w for _, w in sizes) / (self._size * windows)
+        if fill > best:
+          best, taken = fill, sorted(run)
     rows = [self._open[i] for i in taken]
     self._open = [row for i, row in enumerate(self._open) if i not in set(taken)]
     return self._batch(rows)
 
   def _place(self, ex: dict) -> PlannedBatch | None:
-    """Packing: puts `ex` into the first open row with room for its tokens and windows, else into a new row;
-    when the pool of open rows is full, the fullest B of them leave as a batch first."""
+    """Packing: puts `ex` into the open row it fills best (least token room left; both its tokens and its
+    windows must fit), else into a new row; when the pool of open rows is full, a batch leaves first."""
     tokens, windows = ex["tokens"].size, ex["windows"]
+    best, room = None, None
     for row in self._open:
       used_tokens, used_windows = self._row_size(row)
-      if used_tokens + tokens <= self._lengths[-1] and used_windows + windows <= self._windows[-1]:
-        row.append(ex)
-        return None
-    batch = self._emit_fullest() if len(self._open) >= self.POOL_BATCHES * self._size else None
+      left = self._lengths[-1] - used_tokens - tokens
+      if left >= 0 and used_windows + windows <= self._windows[-1] and (room is None or left < room):
+        best, room = row, left
+    if best is not None:
+      best.append(ex)
+      return None
+    batch = self._emit_packed() if len(self._open) >= self.POOL_BATCHES * self._size else None
     self._open.append([ex])
     return batch
 
@@ -453,7 +476,7 @@ class BatchPlanner:
         if self._pending:
           return self._emit(min(self._pending))  # partial buckets, in bucket order
         if self._open:
-          return self._emit_fullest()
+          return self._emit_packed()
         raise StopIteration
       if self._stream is None:
         self._stream = iter(self._measured[self._next :].to_iter_dataset(self._read_options))
