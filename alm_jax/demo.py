@@ -51,7 +51,8 @@ PAIR_WINDOWS = {"data.window_buckets": (1,)}  # one single-window clip per row
 PACKED_PAIRS = {"data.window_buckets": (1, 2), "data.batch_size": 8}
 # Packed questions (43-96 tokens, 1-6 windows): one 128-token bucket and K in (2, 4, 6) keep two or three
 # compiled shapes; 10 rows hold about the 16 examples a step took unpacked (~16 % token and window padding,
-# against 31 % and 13 % unpacked).
+# against 31 % and 13 % unpacked). Measured on the whole demo, 2026-12-01: the same wall time for these
+# stages as one example per row (full 262 s either way) and 64.9 % overall against 62.2 %.
 PACKED_QUESTIONS = {"data.length_buckets": (128,), "data.window_buckets": (2, 4, 6), "data.batch_size": 10}
 NO_VALIDATION = {"train.eval_batches": 0}  # short stages: validation's compile costs more than it tells
 

@@ -11,12 +11,13 @@ Two sections, both on the grain pipeline of `alm_jax.data.pipeline`, train split
    (1 - real tokens / B·L, summed over batches), the share of the B·K audio
    window slots that are padding (`audio_clip < 0`), examples per batch (packed
    segments) and examples/s, on
-   (a) the demo corpus as the demo trains on it: the data config and
+   (a) the demo corpus, for the `pretrain` stage (caption/transcribe pairs)
+       and the `full` stage (every task), with the data config and
        `model.token_spec()` of `alm_jax.demo.stage_config(configs/tiny.py,
-       PLANS["full"], stage)` for the `pretrain` stage (caption/transcribe pairs,
-       `window_buckets=(1,)` so one window per row: packing cannot put two
-       examples in a row), the same with `window_buckets=(1, 2)`, and the `full`
-       stage (everything, buckets L (96, 128), K (1, 2, 4, 6));
+       PLANS["full"], stage)`: packing off as the demo ran before packing (16
+       rows, L (96, 128), K (1, 2, 4, 6); pairs K 1), packing on with the rows
+       of `benchmarks/packing.py` (pairs: 8 rows, K (1, 2), as the demo packs
+       them; questions: 10 rows, L 128, K (2, 4, 6));
    (b) a corpus with a realistic length spread (`--spread-n` examples, written
        once to a temp dir): transcribe pairs of one clip of uniform 1-30 s of
        tone + noise and an answer of uniform 1-200 tokens (random words, exact
@@ -26,7 +27,7 @@ Two sections, both on the grain pipeline of `alm_jax.data.pipeline`, train split
        1024), default window buckets (1, 2, 4).
 
 `--padding-warmup` batches are dropped first (packing fills a pool of
-2·batch_size open rows before its first batch). examples/s is the in-process
+4·batch_size open rows before its first batch). examples/s is the in-process
 rate over the measured batches (loaded and collated), so it reflects the same
 single core as the padding numbers, not the worker-process rate of section 1.
 
@@ -111,18 +112,22 @@ def padding_stats(cfg, spec, tokenizer, batches: int, warmup: int) -> dict[str, 
   }
 
 
-def demo_cases(data: str) -> list[tuple[str, object, object]]:
-  """(name, DataConfig, spec) of the demo stages as `alm_jax.demo` configures them."""
+def demo_cases(data: str) -> list[tuple[str, object, object, object]]:
+  """(name, unpacked DataConfig, packed DataConfig, spec) of the demo stages: packed as `alm_jax.demo` configures
+  them now, unpacked as it ran before packing (configs/tiny.py's buckets, 16 rows; pairs one window per row)."""
   from alm_jax.demo import DEFAULT_CONFIG, PLANS, resolve_config_path, stage_config
 
   plan = PLANS["full"]
   stages = {s.name: s for s in plan.stages}
+  unpacked = {"pretrain": {"batch_size": 16, "window_buckets": (1,)},
+              "full": {"batch_size": 16, "length_buckets": (96, 128), "window_buckets": (1, 2, 4, 6)}}
+  packed = {"pretrain": {"batch_size": 8, "window_buckets": (1, 2)},
+            "full": {"batch_size": 10, "length_buckets": (128,), "window_buckets": (2, 4, 6)}}
   cases = []
-  for name, windows in (("pretrain", None), ("pretrain", (1, 2)), ("full", None)):
+  for name in ("pretrain", "full"):
     cfg = stage_config(resolve_config_path(DEFAULT_CONFIG), plan, stages[name], data, "", {})
-    data_cfg = cfg.data if windows is None else dataclasses.replace(cfg.data, window_buckets=windows)
-    label = f"demo {name}" + ("" if windows is None else " K=" + ",".join(map(str, windows)))
-    cases.append((label, data_cfg, cfg.model.token_spec()))
+    cases.append((f"demo {name}", dataclasses.replace(cfg.data, packing=False, **unpacked[name]),
+                  dataclasses.replace(cfg.data, packing=True, **packed[name]), cfg.model.token_spec()))
   return cases
 
 
@@ -187,15 +192,15 @@ def padding_table(data: str, args: argparse.Namespace) -> None:
         f"(mean clip {summary['mean_seconds']:.1f} s, mean answer {summary['mean_answer_tokens']:.0f} tokens)")
   spread_cfg = DataConfig.from_config({"path": spread, "tokenizer": tok_file, "batch_size": args.batch_size,
                                        "length_buckets": (256, 512, 1024), "workers": 0})
-  cases.append(("spread 1-30 s / 1-200 tok", spread_cfg, AudioTokenSpec(window_seconds=30.0, max_windows=1,
-                                                                         pool=True)))
+  cases.append(("spread 1-30 s / 1-200 tok", dataclasses.replace(spread_cfg, packing=False), spread_cfg,
+                AudioTokenSpec(window_seconds=30.0, max_windows=1, pool=True)))
   header = (f"{'corpus':28s} | {'packing':7s} | {'rows':>4s} | {'token padding %':>15s} | {'window padding %':>16s} | "
             f"{'examples/batch':>14s} | {'examples/s':>10s} | (L, K) batches")
   rows = []
-  for name, cfg, spec in cases:
-    tok = Tokenizer.load(cfg.tokenizer or tok_file, cfg.template)
-    for packing in (False, True):
-      c = dataclasses.replace(cfg, packing=packing, workers=0)
+  for name, off, on, spec in cases:
+    tok = Tokenizer.load(on.tokenizer or tok_file, on.template)
+    for packing, cfg in ((False, off), (True, on)):
+      c = dataclasses.replace(cfg, workers=0)
       s = padding_stats(c, spec, tok, args.padding_batches, args.padding_warmup)
       shapes = " ".join(f"({l},{k})x{n}" for (l, k), n in sorted(s["shapes"].items()))
       rows.append(f"{name:28s} | {'on' if packing else 'off':7s} | {c.batch_size:4d} | "

@@ -1,35 +1,31 @@
 """Training throughput with sequence packing off and on: real tokens/s of the real trainer on the demo corpus.
 
 Each row is a short run of `alm_jax.train.loop.Trainer` (random init, no
-validation, one checkpoint at the end) on a demo stage as `alm_jax.demo`
-configures it (`stage_config(configs/tiny.py, PLANS["full"], stage,
-init_from="")`), with `data.packing` set and the batch size / window buckets
-of the row. Its `metrics.jsonl` gives `tokens_per_s` (real tokens, i.e.
-`token_mask`, per second; compilation excluded) and `step_time`, averaged over
-the log windows after the first (`--log-every` steps of warm-up dropped).
-Examples per step (packed segments) and audio window slots per step (used
-and all B·K: the encoders run on every slot) come from the same pipeline
-config over the same batches (the plan is deterministic). Step time is the
-trainer's: it includes loading the batch (the demo config decodes in-process,
-`data.workers=0`).
+validation, one checkpoint at the end, no compilation cache) on a demo stage as
+`alm_jax.demo` configures it (`stage_config(configs/tiny.py, PLANS["full"],
+stage, init_from="")`), with some data settings changed. Its `metrics.jsonl`
+gives `tokens_per_s` (real tokens, i.e. `token_mask`, per second; compilation
+excluded) and `step_time`, averaged over the log windows after the first
+(`--log-every` steps of warm-up dropped). Examples per step (packed segments)
+and audio window slots per step (used and all B·K: the encoders run on every
+slot) come from the same pipeline config over the same batches (the plan is
+deterministic). Step time is the trainer's: it includes loading the batch (the
+demo config decodes in-process, `data.workers=0`).
 
-Timing noise: on a shared machine the runs are sequential, so load from
-other jobs lands on some rows and not others. The `pretrain` row as configured
-is a control: with `window_buckets=(1,)` packing gives the same batch shapes
-and the same real tokens per step as packing off, so its ratio should be 1.
-`--repeats R` runs all cases R times, round after round, and reports medians.
+Rows, per stage (`pretrain`: caption/transcribe pairs, one clip each, encoders
+frozen; `full`: every task, everything trains):
 
-Rows:
+* `unpacked`: one example per row as the demo ran before packing (16 rows;
+  configs/tiny.py's L (96, 128) and K (1, 2, 4, 6); pairs one window per row);
+* `packed, 8 / 10 rows`: as the demo packs them now (pairs: 8 rows of two,
+  K (1, 2); questions: 10 rows of L 128, K (2, 4, 6)), about the examples per
+  step of unpacked;
+* `packed, 16 rows`: packing at the unpacked row count (more examples per step).
 
-* `pretrain` (caption/transcribe pairs, one clip each) as configured:
-  `window_buckets=(1,)`, so a row holds one window and packing cannot put two
-  examples in a row (it only changes the batch order);
-* `pretrain` with `window_buckets=(1, 2)`: two one-clip examples can share a row;
-* `full` (every task; L (96, 128), K (1, 2, 4, 6)).
-
-Packing with batch size B holds about twice the examples per step, so packing
-on is also run at B/2 rows (about the examples per step of packing off). The
-ratio is real tokens/s over the same stage and window buckets with packing off.
+The ratio is real tokens/s over the stage's unpacked row. Timing noise: on a
+shared machine the runs are sequential, so load from other jobs lands on some
+rows and not others; `--repeats R` runs all cases R times, round after round,
+and reports medians.
 
   python benchmarks/packing.py [--data DIR] [--n 1000] [--steps 30] [--log-every 10] [--stages pretrain full]
       [--repeats 1]
@@ -51,27 +47,40 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+# One example per row, as the demo ran before packing: configs/tiny.py's buckets, 16 rows (pairs: one window).
+UNPACKED = {"pretrain": {"packing": False, "batch_size": 16, "window_buckets": (1,)},
+            "full": {"packing": False, "batch_size": 16, "length_buckets": (96, 128), "window_buckets": (1, 2, 4, 6)}}
+# Packed rows: pairs as the demo packs them (8 rows of two, K (1, 2)); questions in one 128-token bucket with
+# K (2, 4, 6) (two or three compiled shapes), 10 rows holding about the 16 examples of 16 unpacked rows.
+PACKED = {"pretrain": {"packing": True, "batch_size": 8, "window_buckets": (1, 2)},
+          "full": {"packing": True, "batch_size": 10, "length_buckets": (128,), "window_buckets": (2, 4, 6)}}
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
+  """One trainer run: a demo stage with these data settings."""
+
   stage: str
-  packing: bool
-  batch_size: int
-  window_buckets: tuple[int, ...] | None = None  # None: as the demo configures the stage
+  name: str
+  data: tuple[tuple[str, object], ...] = ()
 
   @property
   def label(self) -> str:
-    return self.stage + ("" if self.window_buckets is None else " K=" + ",".join(map(str, self.window_buckets)))
+    return f"{self.stage} {self.name}"
+
+  @property
+  def packing(self) -> bool:
+    return bool(dict(self.data)["packing"])
 
 
-def cases(stages: list[str], batch: int) -> list[Case]:
+def cases(stages: list[str]) -> list[Case]:
+  """Per stage: one example per row (the baseline), the demo's packed rows, and packing at the baseline's 16
+  rows (about twice the examples per step)."""
   out = []
   for stage in stages:
-    variants = [None, (1, 2)] if stage == "pretrain" else [None]
-    for windows in variants:
-      out.append(Case(stage, False, batch, windows))
-      out.append(Case(stage, True, batch, windows))
-      if not (stage == "pretrain" and windows is None):  # packing changes nothing there: no half-batch row
-        out.append(Case(stage, True, batch // 2, windows))
+    out.append(Case(stage, "unpacked", tuple(UNPACKED[stage].items())))
+    out.append(Case(stage, f"packed, {PACKED[stage]['batch_size']} rows", tuple(PACKED[stage].items())))
+    out.append(Case(stage, "packed, 16 rows", tuple({**PACKED[stage], "batch_size": 16}.items())))
   return out
 
 
@@ -81,11 +90,9 @@ def run_config(case: Case, data: str, steps: int, log_every: int):
   plan = PLANS["full"]
   stage = next(s for s in plan.stages if s.name == case.stage)
   cfg = stage_config(resolve_config_path(DEFAULT_CONFIG), plan, stage, data, "", {})
-  data_cfg = dataclasses.replace(cfg.data, packing=case.packing, batch_size=case.batch_size)
-  if case.window_buckets is not None:
-    data_cfg = dataclasses.replace(data_cfg, window_buckets=case.window_buckets)
+  data_cfg = dataclasses.replace(cfg.data, **dict(case.data))
   train = dataclasses.replace(cfg.train, steps=steps, log_every=log_every, eval_batches=0, checkpoint_every=steps,
-                              init_from="")
+                              init_from="", compilation_cache_dir="none")
   return dataclasses.replace(cfg, data=data_cfg, train=train)
 
 
@@ -104,7 +111,8 @@ def batch_counts(cfg, steps: int) -> dict[str, float]:
     batches = [next(it) for _ in range(steps)]
   finally:
     it.close()
-  return {"examples_per_step": float(np.mean([b["segment_ids"].max(axis=1).sum() for b in batches])),
+  return {"rows": int(batches[0]["tokens"].shape[0]),
+          "examples_per_step": float(np.mean([b["segment_ids"].max(axis=1).sum() for b in batches])),
           "used_windows": float(np.mean([(b["audio_clip"] >= 0).sum() for b in batches])),
           "window_slots": float(np.mean([b["audio_clip"].size for b in batches]))}
 
@@ -128,31 +136,31 @@ def train_once(case: Case, data: str, steps: int, log_every: int, workdir: str) 
   }
 
 
-def packing_table(data: str, steps: int, log_every: int, stages: list[str], batch: int, repeats: int) -> list[str]:
+def packing_table(data: str, steps: int, log_every: int, stages: list[str], repeats: int) -> list[str]:
   """Runs every case `repeats` times (all cases once per round, so slow spells of a shared machine spread over
   them); real tokens/s and step time are medians over the rounds."""
   root = tempfile.mkdtemp(prefix="alm_jax_packing_")
-  todo = cases(stages, batch)
+  todo = cases(stages)
   runs: dict[Case, list[dict[str, float]]] = {case: [] for case in todo}
   for rnd in range(repeats):
     for i, case in enumerate(todo):
       runs[case].append(train_once(case, data, steps, log_every, os.path.join(root, f"r{rnd}_c{i}")))
       r = runs[case][-1]
-      print(f"round {rnd + 1}/{repeats}: {case.label} packing={case.packing} B={case.batch_size}: "
+      print(f"round {rnd + 1}/{repeats}: {case.label}: "
             f"{r['tokens_per_s']:.0f} real tokens/s, {r['step_time']:.3f} s/step, run {r['wall']:.0f} s; "
             f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
   shutil.rmtree(root, ignore_errors=True)
-  header = (f"{'stage':16s} | {'packing':7s} | {'rows/step':>9s} | {'examples/step':>13s} | {'real tokens/s':>13s} | "
+  header = (f"{'stage':26s} | {'packing':7s} | {'rows/step':>9s} | {'examples/step':>13s} | {'real tokens/s':>13s} | "
             f"{'step s':>7s} | {'ratio vs packing off':>20s} | windows used/slots | tokens/s per round")
   rows, base = [], {}
   for case in todo:
     rates = [r["tokens_per_s"] for r in runs[case]]
     rate, step = statistics.median(rates), statistics.median(r["step_time"] for r in runs[case])
     if not case.packing:
-      base[case.label] = rate
-    ratio = rate / base[case.label] if case.label in base else float("nan")
+      base[case.stage] = rate
+    ratio = rate / base[case.stage] if case.stage in base else float("nan")
     r = runs[case][0]
-    rows.append(f"{case.label:16s} | {'on' if case.packing else 'off':7s} | {case.batch_size:9d} | "
+    rows.append(f"{case.label:26s} | {'on' if case.packing else 'off':7s} | {r['rows']:9d} | "
                 f"{r['examples_per_step']:13.1f} | {rate:13.0f} | {step:7.3f} | {ratio:19.2f}x | "
                 f"{r['used_windows']:8.1f} / {r['window_slots']:<7.0f} | {' '.join(f'{x:.0f}' for x in rates)}")
   print(f"\ntrainer, {steps} steps per run, means over the log windows after step {log_every}, medians of "
@@ -168,12 +176,9 @@ def main() -> None:
   parser.add_argument("--n", type=int, default=1000, help="examples to synthesise when --data is not given")
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--log-every", type=int, default=10)
-  parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default: the demo's, 16)")
   parser.add_argument("--repeats", type=int, default=1, help="rounds over all cases (medians reported)")
   parser.add_argument("--stages", nargs="+", default=["pretrain", "full"], choices=["pretrain", "full"])
   args = parser.parse_args()
-  from alm_jax.demo import PLANS
-
   wall = time.perf_counter()
   print(f"load average at start: {os.getloadavg()}")
   data = args.data
@@ -183,8 +188,7 @@ def main() -> None:
     data = os.path.join(tempfile.mkdtemp(prefix="alm_jax_bench_"), "synth")
     summary = write_corpus(data, args.n, seed=0)
     print(f"built a {args.n}-example demo corpus in {summary['seconds']:.1f} s at {data}")
-  packing_table(data, args.steps, args.log_every, args.stages, args.batch_size or PLANS["full"].batch_size,
-                args.repeats)
+  packing_table(data, args.steps, args.log_every, args.stages, args.repeats)
   print(f"load average at end: {os.getloadavg()}; {time.perf_counter() - wall:.0f} s in all")
 
 

@@ -235,7 +235,8 @@ def batch_shapes(cfg: DataConfig, spec: AudioTokenSpec, process_count: int = 1) 
   out = []
   for length in cfg.length_buckets:
     for k in cfg.window_sizes(spec):
-      out.append({"tokens": (b, length), "token_mask": (b, length), "loss_mask": (b, length), "segment_ids": (b, length),
+      out.append({"tokens": (b, length), "token_mask": (b, length), "loss_mask": (b, length),
+                  "segment_ids": (b, length),
                   "audio": (b, k, spec.window_samples), "audio_samples": (b, k), "audio_clip": (b, k),
                   "example_id": (b,)})
   return out
