@@ -57,7 +57,7 @@ PACKED_QUESTIONS = {"data.length_buckets": (128,), "data.window_buckets": (2, 4,
 NO_VALIDATION = {"train.eval_batches": 0}  # short stages: validation's compile costs more than it tells
 
 PLANS = {
-    # About 12.5 minutes on a 2-core CPU. `encoder` and `pretrain` stand in for
+    # About 10 minutes on a 2-core CPU. `encoder` and `pretrain` stand in for
     # released towers: the encoders learn on their own to tag each clip with the
     # words of its caption or transcript (as released encoders come pretrained),
     # then the bridge and decoder learn to caption and transcribe from them; the
