@@ -112,6 +112,18 @@ def padding_stats(cfg, spec, tokenizer, batches: int, warmup: int) -> dict[str, 
   }
 
 
+def demo_corpus(data: str | None, n: int) -> str:
+  """`data`, or an `n`-example synthetic demo corpus built in a temp dir (benchmarks/packing.py uses it too)."""
+  if data is not None:
+    return data
+  from alm_jax.data.synth import write_corpus
+
+  data = os.path.join(tempfile.mkdtemp(prefix="alm_jax_bench_"), "synth")
+  summary = write_corpus(data, n, seed=0)
+  print(f"built a {n}-example demo corpus in {summary['seconds']:.1f} s at {data}")
+  return data
+
+
 def demo_cases(data: str) -> list[tuple[str, object, object, object]]:
   """(name, unpacked DataConfig, packed DataConfig, spec) of the demo stages: packed as `alm_jax.demo` configures
   them now, unpacked as it ran before packing (configs/tiny.py's buckets, 16 rows; pairs one window per row)."""
@@ -231,13 +243,7 @@ def main() -> None:
   args = parser.parse_args()
   wall = time.perf_counter()
   print(f"load average at start: {os.getloadavg()}")
-  data = args.data
-  if data is None:
-    from alm_jax.data.synth import write_corpus
-
-    data = os.path.join(tempfile.mkdtemp(prefix="alm_jax_bench_"), "synth")
-    summary = write_corpus(data, args.n, seed=0)
-    print(f"built a {args.n}-example corpus in {summary['seconds']:.1f} s at {data}")
+  data = demo_corpus(args.data, args.n)
   if not args.skip_throughput:
     print(f"pipeline: train split, packing off, batch {args.batch_size}, {args.window_seconds:g} s windows, "
           f"{os.cpu_count()} CPUs")

@@ -181,13 +181,9 @@ def main() -> None:
   args = parser.parse_args()
   wall = time.perf_counter()
   print(f"load average at start: {os.getloadavg()}")
-  data = args.data
-  if data is None:
-    from alm_jax.data.synth import write_corpus
+  from data import demo_corpus  # benchmarks/data.py, beside this script
 
-    data = os.path.join(tempfile.mkdtemp(prefix="alm_jax_bench_"), "synth")
-    summary = write_corpus(data, args.n, seed=0)
-    print(f"built a {args.n}-example demo corpus in {summary['seconds']:.1f} s at {data}")
+  data = demo_corpus(args.data, args.n)
   packing_table(data, args.steps, args.log_every, args.stages, args.repeats)
   print(f"load average at end: {os.getloadavg()}; {time.perf_counter() - wall:.0f} s in all")
 
