@@ -369,6 +369,7 @@ class BatchPlanner:
     self._pending: dict[tuple[int, int], list[dict]] = {}
     self._pack = pack
     self._open: list[list[dict]] = []  # packing: rows being filled, in the order they were opened
+    self._sizes: list[tuple[int, int]] = []  # packing: each open row's (tokens, windows), kept beside it
     self._stats = SkipStats()
     self._next = 0  # global position of the next example to measure
     self._batches = 0  # batches planned so far
@@ -423,9 +424,9 @@ class BatchPlanner:
   def _emit(self, key: tuple[int, int]) -> PlannedBatch:
     return self._batch([[e] for e in self._pending.pop(key)])  # L == key[0] when grouping
 
-  @staticmethod
-  def _row_size(row: list[dict]) -> tuple[int, int]:
-    return sum(e["tokens"].size for e in row), sum(e["windows"] for e in row)
+  def _set_open(self, rows: list[list[dict]]) -> None:
+    self._open = rows
+    self._sizes = [(sum(e["tokens"].size for e in row), sum(e["windows"] for e in row)) for row in rows]
 
   def _emit_packed(self) -> PlannedBatch:
     """Packing: B open rows as a batch, chosen so that few of its token and window slots are padding.
@@ -438,19 +439,20 @@ class BatchPlanner:
     if len(self._open) <= self._size:
       taken = list(range(len(self._open)))
     else:
-      order = sorted(range(len(self._open)), key=lambda i: (self._row_size(self._open[i])[1], i))
+      order = sorted(range(len(self._open)), key=lambda i: (self._sizes[i][1], i))
       at = order.index(0)
       best, taken = -1.0, []
       for first in range(max(0, at - self._size + 1), min(at, len(order) - self._size) + 1):
         run = order[first : first + self._size]
-        sizes = [self._row_size(self._open[i]) for i in run]
+        sizes = [self._sizes[i] for i in run]
         length = self._bucket(max(t for t, _ in sizes), self._lengths)
         windows = self._bucket(max(w for _, w in sizes), self._windows)
         fill = sum(t for t, _ in sizes) / (self._size * length) + sum(w for _, w in sizes) / (self._size * windows)
         if fill > best:
           best, taken = fill, sorted(run)
     rows = [self._open[i] for i in taken]
-    self._open = [row for i, row in enumerate(self._open) if i not in set(taken)]
+    taken = set(taken)
+    self._open, self._sizes = ([x for i, x in enumerate(kept) if i not in taken] for kept in (self._open, self._sizes))
     return self._batch(rows)
 
   def _place(self, ex: dict) -> PlannedBatch | None:
@@ -458,16 +460,17 @@ class BatchPlanner:
     windows must fit), else into a new row; when the pool of open rows is full, a batch leaves first."""
     tokens, windows = ex["tokens"].size, ex["windows"]
     best, room = None, None
-    for row in self._open:
-      used_tokens, used_windows = self._row_size(row)
+    for i, (used_tokens, used_windows) in enumerate(self._sizes):
       left = self._lengths[-1] - used_tokens - tokens
       if left >= 0 and used_windows + windows <= self._windows[-1] and (room is None or left < room):
-        best, room = row, left
+        best, room = i, left
     if best is not None:
-      best.append(ex)
+      self._open[best].append(ex)
+      self._sizes[best] = (self._sizes[best][0] + tokens, self._sizes[best][1] + windows)
       return None
     batch = self._emit_packed() if len(self._open) >= self.POOL_BATCHES * self._size else None
     self._open.append([ex])
+    self._sizes.append((tokens, windows))
     return batch
 
   def next(self) -> PlannedBatch:
@@ -523,7 +526,7 @@ class BatchPlanner:
     if (state.get("open_rows") is not None) != self._pack:
       raise DataError(f"{self._name}: the saved data-iterator state was written with data.packing="
                       f"{not self._pack}; resume with the same data.packing")
-    self._open = [[self._remeasured(pos) for pos in row] for row in state.get("open_rows") or []]
+    self._set_open([[self._remeasured(pos) for pos in row] for row in state.get("open_rows") or []])
     pending: dict[tuple[int, int], list[dict]] = {}
     for key, positions in state["pending"].items():
       l, _, k = key.partition(",")
