@@ -134,7 +134,7 @@ class ALMConfig:
   audio_token_id: int = -1
   tagging_head: bool = False
   loss_chunk_tokens: int = 0
-  rotary_time: RotaryTimeConfig | None = None
+  rotary_time: None | RotaryTimeConfig = None  # None first: `config.from_dict` tries a union's options in order
 
   def __post_init__(self):
     require(

@@ -69,17 +69,23 @@ def window_index(clip: jax.Array) -> jax.Array:
   return (jnp.arange(slots)[None, :] - first).reshape(-1).astype(jnp.int32)
 
 
-def angles(cfg: RotaryTimeConfig, width: int, window: jax.Array, frames: int) -> jax.Array:
-  """float32 [W, frames, 2·F] rotation angles, one per channel pair, for windows at `window` [W] within their clips."""
+def angles(cfg: RotaryTimeConfig, width: int, window: jax.Array, frames: int, windows: int) -> jax.Array:
+  """float32 [W, frames, 2·F] rotation angles, one per channel pair, for windows at `window` [W] (< `windows`)
+  within their clips.
+
+  What depends on the window index alone is tabulated on the host in numpy float32 (XLA would turn the
+  reference's division by theta into a multiplication and round differently) and gathered.
+  """
   inv = cfg.inverse_frequencies(width)
   step = np.float32(cfg.frame_seconds)
   # Within-window positions: a table of `theta` positions spanning one turn, as the reference builds it.
   positions = np.arange(frames, dtype=np.float32) / np.float32(cfg.theta) * np.float32(2 * math.pi)
   time_freqs = jnp.asarray(positions[:, None] * inv[None, :])  # [T, F]
   offsets = jnp.asarray(np.arange(frames, dtype=np.float32) * step)  # [T] seconds into the window
-  starts = (window * frames).astype(jnp.float32) * step  # [W] seconds from the clip's start
+  index = np.arange(windows)
+  starts = jnp.asarray((index * frames).astype(np.float32) * step)[window]  # [W] seconds from the clip's start
   seconds = starts[:, None] + offsets[None, :]  # [W, T]
-  window_freqs = (window.astype(jnp.float32) / np.float32(cfg.theta))[:, None] * inv[None, :]  # [W, F]
+  window_freqs = jnp.asarray((index.astype(np.float32) / np.float32(cfg.theta))[:, None] * inv[None, :])[window]
   freqs = jnp.concatenate([jnp.broadcast_to(window_freqs[:, None, :], (*seconds.shape, inv.size)),
                            jnp.broadcast_to(time_freqs[None], (*seconds.shape, inv.size))], axis=-1)
   turn = (-seconds * np.float32(2)) * np.float32(math.pi)
@@ -93,7 +99,7 @@ def apply(cfg: RotaryTimeConfig, frames: jax.Array, clip: jax.Array) -> jax.Arra
   angle i; the rest pass through. Computed in float32.
   """
   count, length, width = frames.shape
-  theta = angles(cfg, width, window_index(clip), length)  # [W, T, P]
+  theta = angles(cfg, width, window_index(clip), length, clip.shape[1])  # [W, T, P]
   cos, sin = jnp.cos(theta), jnp.sin(theta)
   rotated = 2 * theta.shape[-1]
   x = frames[..., :rotated].astype(jnp.float32).reshape(count, length, -1, 2)
