@@ -123,6 +123,22 @@ def mf(tmp_path_factory) -> Setup:
 # Import and parity.
 
 
+def test_template_ids_match_the_hf_processor(mf):
+  """Our `musicflamingo` template and counts give MusicFlamingoProcessor's ids (a 35 s clip: two windows; the
+  processor takes one clip per prompt)."""
+  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=mf.tok, eos_token="<|endoftext|>",
+                                                pad_token="<|endoftext|>")
+  proc = transformers.MusicFlamingoProcessor(feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128),
+                                             tokenizer=hf_tok)
+  rng = np.random.default_rng(3)
+  pcms = [rng.normal(0, 0.1, SR * 35 + 77).astype(np.float32)]
+  prompt = f"{SYSTEM}<|im_start|>user\n<sound>What can you hear?<|im_end|>\n<|im_start|>assistant\n"
+  want = proc(text=prompt, audio=pcms, sampling_rate=SR)["input_ids"][0].tolist()
+  batch = mf.generator.encode([user_prompt("What can you hear?", pcms)])
+  n = int(batch["token_mask"][0].sum())
+  assert batch["tokens"][0, :n].tolist() == want
+
+
 def test_imported_config(mf, tmp_path):
   cfg = mf.bundle.config
   assert mf.bundle.template == "musicflamingo" and mf.bundle.tokenizer.audio_id == mf.tok.token_to_id("<sound>")
