@@ -29,6 +29,7 @@ from alm_jax.checkpoints.bundle import load_bundle
 from alm_jax.cli import main as cli_main
 from alm_jax.errors import CheckpointError
 from alm_jax.infer.alm_generate import ALMGenerator, user_prompt
+from alm_jax.models import rotary_time
 from alm_jax.run_config import load_run_config
 from helpers import REPO
 from test_hf_alm import REL, SR, SYSTEM, VOCAB, WINDOW, _randomize, clips_of, hf_logits, make_tokenizer, max_rel_error
@@ -117,6 +118,33 @@ def mf(tmp_path_factory) -> Setup:
   bundle = load_bundle(run)
   generator = ALMGenerator(bundle, max_new_tokens=32, batch_size=1, length_bucket=128)
   return Setup(src, run, ref, tok, bundle, generator, our_logits(bundle, {p: clips_of(p) for p in PROMPTS}))
+
+
+# ---------------------------------------------------------------------------
+# The time embedding alone.
+
+
+def test_rotation_matches_the_reference_over_1200_s():
+  """Our rotation of 40 windows of one clip (the longest the processor allows) against the reference module's."""
+  width, frames, windows = 80, 750, MAX_WINDOWS
+  config = transformers.MusicFlamingoConfig(audio_config=dict(model_type="audioflamingo3_encoder", hidden_size=width),
+                                            text_config=dict(model_type="qwen2"))
+  embedding = modeling_musicflamingo.MusicFlamingoRotaryEmbedding(config)
+  step = config.audio_frame_step * 4
+  seconds = torch.arange(windows)[:, None] * frames * step + torch.arange(frames, dtype=torch.float32) * step
+  cos, sin = embedding(seconds, seq_len=frames)
+  x = torch.randn(windows, frames, width, generator=torch.Generator().manual_seed(0))
+  want = modeling_musicflamingo.apply_rotary_time_emb(x, cos, sin).numpy()
+  cfg = rotary_time.RotaryTimeConfig()
+  assert cfg.rotated_channels(width) == cos.shape[-1] == 32 and cfg.rotated_channels(1280) == 512
+  got = jax.jit(lambda v, c: rotary_time.apply(cfg, v, c))(x.numpy(), np.zeros((1, windows), np.int32))
+  err = max_rel_error(np.asarray(got), want)
+  print(f"rotary time embedding over {windows} windows: max relative error {err:.2e}")
+  assert err <= 2e-6
+  # Window indices restart per clip, also across a packed row's examples; padding slots (-1) are harmless.
+  clip = np.array([[0, 0, 1, 2, 2, 2, -1, -1], [0, 0, 0, 1, -1, -1, -1, -1]])
+  index = np.asarray(rotary_time.window_index(clip)).reshape(clip.shape)
+  assert index[0, :6].tolist() == [0, 1, 0, 0, 1, 2] and index[1, :4].tolist() == [0, 1, 2, 0]
 
 
 # ---------------------------------------------------------------------------
