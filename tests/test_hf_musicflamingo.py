@@ -3,8 +3,9 @@
 `export-hf` loads back in transformers with the same logits; a partial or mislabelled folder gives a one-line
 error; the 7B recipe is the released layout.
 
-The rotary time embedding has no weights, so only the logits can show it is right: the test also checks that
-the reference without it misses our logits by far more than the tolerance. Tokenizer, audio and helpers come
+The rotary time embedding has no weights, so only outputs can show it is right: the rotation alone matches the
+reference module over 40 windows (1200 s), and the reference without it misses our logits by far more than the
+tolerance. Our `musicflamingo` template gives MusicFlamingoProcessor's ids. Tokenizer, audio and helpers come
 from `test_hf_alm.py` (the AF3 / Qwen2-Audio parity tests); 30 s windows, tiny widths.
 """
 

@@ -39,7 +39,7 @@ def rotary_from_hf(config: Mapping[str, Any], source: str = "config.json") -> Ro
 
 
 def rotary_to_hf(cfg: RotaryTimeConfig, base: Mapping[str, Any]) -> dict[str, Any]:
-  """The MusicFlamingo keys for `cfg`; the sound bos/eos ids are kept from `base` (the imported config) if it has them."""
+  """The MusicFlamingo keys for `cfg`; the sound bos/eos ids come from `base` (the imported config) if it has them."""
   return {
       "rope_parameters": {"rope_type": "default", "rope_theta": cfg.theta, "partial_rotary_factor": cfg.fraction},
       "audio_frame_step": cfg.mel_frame_seconds,
