@@ -1,5 +1,6 @@
-"""Released audio-LLM checkpoints: Hugging Face `Qwen2AudioForConditionalGeneration` and
-`AudioFlamingo3ForConditionalGeneration` folders ↔ our `AudioLanguageModel`.
+"""Released audio-LLM checkpoints: Hugging Face `Qwen2AudioForConditionalGeneration`,
+`AudioFlamingo3ForConditionalGeneration` and `MusicFlamingoForConditionalGeneration` folders ↔ our
+`AudioLanguageModel` (MusicFlamingo is AF3 plus a rotary time embedding: `hf_musicflamingo`).
 
 Both families are a Whisper-large-v3-shaped encoder that masks padding frames
 and average-pools (our `WhisperConfig(pool=True, mask_padding=True)`), an MLP
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alm_jax.checkpoints import hf_llm, mapping
+from alm_jax.checkpoints import hf_llm, hf_musicflamingo, mapping
 from alm_jax.checkpoints import whisper as whisper_ckpt
 from alm_jax.checkpoints.mapping import NameMap, Rule
 from alm_jax.checkpoints.qformer_hf import projector_name_map
@@ -58,6 +59,7 @@ class Family:
     token_key: the config key holding the audio placeholder id; default_token_id: its HF default.
     max_windows: 30 s windows per clip (the reference processors' limit).
     encoder_keys: HF `audio_config` keys for d_model, layers, heads, FFN width.
+    rotary_time: the rotary time embedding on encoder outputs (MusicFlamingo, see `hf_musicflamingo`).
   """
 
   name: str
@@ -70,6 +72,7 @@ class Family:
   default_token_id: int
   max_windows: int
   encoder_keys: tuple[str, str, str, str]
+  rotary_time: bool = False
 
   @property
   def template(self) -> str:
@@ -84,6 +87,11 @@ FAMILIES: dict[str, Family] = {
     "af3": Family(
         "af3", "audioflamingo3", "AudioFlamingo3ForConditionalGeneration", "audioflamingo3_encoder", "af3", 2,
         "audio_token_id", 151669, 20, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+    ),
+    "musicflamingo": Family(
+        "musicflamingo", "musicflamingo", "MusicFlamingoForConditionalGeneration", "audioflamingo3_encoder", "af3", 2,
+        "audio_token_id", 151669, 40, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+        rotary_time=True,
     ),
 }
 TOWERS = ("qwen2", "qwen3", "llama", "whisper")
@@ -176,6 +184,7 @@ def alm_config_from_hf(config: Mapping[str, Any], family: str, *, source: str = 
         audio=AudioConfig(sample_rate=16000, window_seconds=2 * whisper.max_positions / MEL_FRAMES_PER_SECOND,
                           max_windows=int(max_windows or fam.max_windows)),
         audio_token_id=int(fam.default_token_id if token_id is None else token_id),
+        rotary_time=hf_musicflamingo.rotary_from_hf(config, source) if fam.rotary_time else None,
     )
   except ConfigError as e:
     raise _config_error(e, source) from None
@@ -207,6 +216,8 @@ def exportable_problems(cfg: ALMConfig, family: str) -> list[str]:
     problems.append("needs a projector with bias")
   if cfg.audio_token_id < 0:
     problems.append("needs model.audio_token_id set (it is -1)")
+  if (cfg.rotary_time is not None) != fam.rotary_time:
+    problems.append(f"needs model.rotary_time {'set' if fam.rotary_time else 'None'}")
   return problems
 
 
@@ -218,7 +229,7 @@ def family_of(cfg: ALMConfig, template: str | None = None, hf: Mapping[str, Any]
     return template
   if cfg.bridge.kind == "mlp":
     for family in FAMILIES.values():
-      if cfg.bridge.mlp.num_layers == family.projector_layers:
+      if cfg.bridge.mlp.num_layers == family.projector_layers and (cfg.rotary_time is not None) == family.rotary_time:
         return family.name
   return "qwen2-audio"
 
@@ -250,8 +261,10 @@ def alm_config_to_hf(cfg: ALMConfig, family: str, *, base: Mapping[str, Any] | N
   out.update(architectures=[fam.architecture], model_type=fam.model_type, audio_config=audio, text_config=text,
              dtype="float32")
   out[fam.token_key] = cfg.audio_token_id
-  if family == "af3":
+  if fam.projector == "af3":
     out.update(projector_hidden_act=mlp.act, projector_bias=mlp.use_bias)
+  if fam.rotary_time:
+    out.update(hf_musicflamingo.rotary_to_hf(cfg.rotary_time, base or {}))
   return out
 
 

@@ -10,6 +10,7 @@ reference processors (REFERENCE.md):
 * `qwen2-audio`: ChatML with the default system prompt; each clip is
   `Audio k: <|audio_bos|><|AUDIO|>×n<|audio_eos|>\\n` before the text.
 * `af3`: ChatML with the default system prompt; `<sound>×n` per clip.
+* `musicflamingo`: as `af3`, each clip's span wrapped in `<|sound_bos|>…<|sound_eos|>`.
 * `salmonn`: `<s>USER: <Speech>…</Speech> {q}\\nASSISTANT:{a}</s>` (Vicuna); the
   placeholder is `<unk>` so the LLM vocabulary needs no new row.
 * `llama3`: Llama 3 headers; clips use reserved special tokens 0/1/2 as
@@ -230,6 +231,11 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "af3": ChatTemplate(
         name="af3", style="chatml", audio_token="<sound>", system=QWEN_SYSTEM, end_of_turn="<|im_end|>",
         eos="<|endoftext|>", pad=("<|endoftext|>",),
+    ),
+    "musicflamingo": ChatTemplate(
+        name="musicflamingo", style="chatml", audio_token="<sound>", audio_bos="<|sound_bos|>",
+        audio_eos="<|sound_eos|>", system=QWEN_SYSTEM, end_of_turn="<|im_end|>", eos="<|endoftext|>",
+        pad=("<|endoftext|>",),
     ),
     "salmonn": ChatTemplate(
         name="salmonn", style="vicuna", audio_token="<unk>", clip_prefix="<Speech>", clip_suffix="</Speech>",

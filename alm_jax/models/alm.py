@@ -21,13 +21,14 @@ from flax import nnx
 
 from alm_jax.audio import features
 from alm_jax.config import require
-from alm_jax.models import layers, tagging
+from alm_jax.models import layers, rotary_time, tagging
 from alm_jax.models.audio_slots import AudioTokenSpec
 from alm_jax.models.beats import BeatsConfig, BeatsEncoder
 from alm_jax.models.llm import LLM, LLMConfig, positions_from_mask, positions_from_segments
 from alm_jax.models.partitioning import constrain, per_shard
 from alm_jax.models.projector import MLPProjector, ProjectorConfig
 from alm_jax.models.qformer import QFormer, QFormerConfig
+from alm_jax.models.rotary_time import RotaryTimeConfig
 from alm_jax.models.whisper import WhisperConfig, WhisperEncoder
 
 Batch = Mapping[str, jax.Array]
@@ -116,6 +117,8 @@ class ALMConfig:
       The tagging objective has no LLM logits and ignores it.
     tagging_head: adds `tagger`, the audio-tagging head that pretrains the
       encoders on their own (`train.objective="tagging"`, see `tagging.py`).
+    rotary_time: MusicFlamingo's parameter-free rotary time embedding on the
+      encoder frames before the bridge (`rotary_time.py`); None: off.
   """
 
   encoders: tuple[str, ...] = ("whisper",)
@@ -131,6 +134,7 @@ class ALMConfig:
   audio_token_id: int = -1
   tagging_head: bool = False
   loss_chunk_tokens: int = 0
+  rotary_time: None | RotaryTimeConfig = None  # None first: `config.from_dict` tries a union's options in order
 
   def __post_init__(self):
     require(
@@ -170,6 +174,12 @@ class ALMConfig:
               f"audio placeholder counts assume {BEATS_PATCH}x{BEATS_PATCH} patches")
     if self.whisper is not None and self.encoders == ("whisper", "beats"):
       require(not self.whisper.pool, "model.whisper.pool", "pooling with two encoders is not supported")
+    if self.rotary_time is not None:
+      require(self.encoders == ("whisper",) and self.whisper.pool, "model.rotary_time",
+              "needs a pooled Whisper encoder alone (its frames are 40 ms apart)")
+      rotated = self.rotary_time.rotated_channels(self.encoder_dim)
+      require(rotated <= self.encoder_dim, "model.rotary_time.fraction",
+              f"rotates {rotated} channels, more than the encoder's {self.encoder_dim}")
 
   @property
   def encoder_dim(self) -> int:
@@ -399,6 +409,8 @@ class AudioLanguageModel(nnx.Module):
   def audio_tokens(self, audio: jax.Array, samples: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-row window slots (audio [B, K, S]) → each row's LLM-width audio tokens [B, N, D] and validity [B, N]."""
     frames, valid = self.encode(audio, samples)
+    if self.cfg.rotary_time is not None:
+      frames = rotary_time.apply(self.cfg.rotary_time, frames, clip)
     return self.bridge(frames, valid, clip)
 
   def input_embeddings(self, batch: Batch) -> jax.Array:
