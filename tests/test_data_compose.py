@@ -260,3 +260,30 @@ def test_cli_compose(esc50, tmp_path):
   assert {l["sub_category"] for l in _lines(tmp_path / "o", "train")} == {"compose_which", "compose_same"}
   result = subprocess.run(cmd[:-6] + ["--clips", "9-2"], capture_output=True, text=True, env=env, timeout=120)
   assert result.returncode == 1 and result.stderr.strip().count("\n") == 0 and "--clips '9-2'" in result.stderr
+
+
+def test_clotho_and_audiocaps_layouts(tmp_path):
+  """Caption CSVs: Clotho (file_name, caption_1..5; audio in a folder per split) and AudioCaps (ids, caption)."""
+  clotho = tmp_path / "clotho"
+  for split, names in (("development", ["a.wav", "b.wav"]), ("evaluation", ["c.wav"])):
+    rows = [{"file_name": n, **{f"caption_{k}": f"caption {k} of {n}" for k in range(1, 6)}} for n in names]
+    for n in names:
+      write_wav(str(clotho / split / n), _tone(440))
+    with open(clotho / f"clotho_captions_{split}.csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+  clips = compose.read_clips([str(clotho)], label_key="caption_2")
+  assert [(c.id, c.label, c.split) for c in clips] == [
+      ("a.wav", "caption 2 of a.wav", "train"), ("b.wav", "caption 2 of b.wav", "train"),
+      ("c.wav", "caption 2 of c.wav", "test")]
+  assert clips[2].path == str(clotho / "evaluation" / "c.wav") and clips[2].source == f"{clotho}/" \
+      "clotho_captions_evaluation.csv:2"
+  caps = tmp_path / "audiocaps"
+  write_wav(str(caps / "audio" / "val" / "yt1.wav"), _tone(440))
+  write_wav(str(caps / "audio" / "val" / "91.wav"), _tone(440))
+  (caps / "val.csv").write_text('audiocap_id,youtube_id,start_time,caption\n90,yt1,30,"A dog barks, twice"\n'
+                                "91,yt2,0,Rain falls\n")
+  clips = compose.read_clips([str(caps / "val.csv")])
+  assert [(c.id, c.label, c.split, os.path.basename(c.path)) for c in clips] == [
+      ("90", "A dog barks, twice", "validation", "yt1.wav"), ("91", "Rain falls", "validation", "91.wav")]

@@ -318,22 +318,43 @@ class Pool:
       by_label[clip.label].append(clip)
     self.by_label = dict(sorted(by_label.items()))
     self.labels = list(self.by_label)
+    self.clips = [c for group in self.by_label.values() for c in group]
+    self.total = len(self.clips)
+    self._with: dict = {}  # cached per count: caption sets have tens of thousands of labels
 
   def need(self, ok: bool, kind: str, what: str) -> None:
     """Raises a one-line DataError when the split cannot give `kind` questions."""
     if not ok:
       raise DataError(f"{self.where}: split {self.split!r} has {len(self.labels)} distinct labels over "
-                      f"{sum(map(len, self.by_label.values()))} clips; {kind!r} questions need {what}")
+                      f"{self.total} clips; {kind!r} questions need {what}")
 
   def labels_with(self, count: int, exclude: Iterable[str] = ()) -> list[str]:
     """Labels holding at least `count` clips, not in `exclude`."""
+    if count not in self._with:
+      self._with[count] = [l for l in self.labels if len(self.by_label[l]) >= count]
     skip = set(exclude)
-    return [l for l in self.labels if len(self.by_label[l]) >= count and l not in skip]
+    return [l for l in self._with[count] if l not in skip] if skip else self._with[count]
+
+  def fewest(self, count: int) -> int | None:
+    """The fewest clips any label with at least `count` clips holds (None: no such label)."""
+    if ("fewest", count) not in self._with:
+      self._with[("fewest", count)] = min((len(self.by_label[l]) for l in self.labels_with(count)), default=None)
+    return self._with[("fewest", count)]
 
   def pick_label(self, count: int = 1, exclude: Iterable[str] = ()) -> str:
     """A random label with at least `count` clips, not in `exclude` (caller checked one exists)."""
-    choices = self.labels_with(count, exclude)
-    return choices[int(self.rng.integers(len(choices)))]
+    return self.draw(self.labels_with(count), 1, lambda l: l not in exclude)[0]
+
+  def draw(self, items: Sequence, n: int, ok: Callable[[object], bool]) -> list:
+    """`n` different random items passing `ok`: a few cheap draws first (large sets), else a filtered full pass."""
+    picked: list[int] = []
+    for i in self.rng.integers(len(items), size=8 * n + 8).tolist():
+      if i not in picked and ok(items[i]):
+        picked.append(i)
+        if len(picked) == n:
+          return [items[i] for i in picked]
+    rest = [x for x in items if ok(x)]
+    return [rest[i] for i in self.rng.choice(len(rest), n, replace=False)]
 
   def clips_of(self, label: str, n: int) -> list[LabelledClip]:
     """`n` different clips of `label`."""
@@ -342,17 +363,15 @@ class Pool:
 
   def fillers(self, n: int, exclude: Iterable[str], distinct_labels: bool = False) -> list[LabelledClip]:
     """`n` different clips whose labels are not in `exclude` (and differ from each other if `distinct_labels`)."""
-    if distinct_labels:
-      labels = self.labels_with(1, exclude)
-      return [self.clips_of(labels[i], 1)[0] for i in self.rng.choice(len(labels), n, replace=False)]
     skip = set(exclude)
-    rest = [c for l in self.labels if l not in skip for c in self.by_label[l]]
-    return [rest[i] for i in self.rng.choice(len(rest), n, replace=False)]
+    if distinct_labels:
+      labels = self.draw(self.labels, n, lambda l: l not in skip)
+      return [self.clips_of(l, 1)[0] for l in labels]
+    return self.draw(self.clips, n, lambda c: c.label not in skip)
 
   def count_without(self, exclude: Iterable[str]) -> int:
     """Clips whose labels are not in `exclude`."""
-    skip = set(exclude)
-    return sum(len(v) for l, v in self.by_label.items() if l not in skip)
+    return self.total - sum(len(self.by_label.get(l, ())) for l in set(exclude))
 
 
 def _place(answer: str, others: Sequence[str], position: int, rng: np.random.Generator) -> tuple[str, ...]:
@@ -401,13 +420,11 @@ def compose_match(pool: Pool, n: int, decks: Decks, key) -> Question:
 def compose_count(pool: Pool, n: int, decks: Decks, key) -> Question:
   """How many clips hold X: k of n (k balanced over what the split allows), the rest other labels."""
   pool.need(len(pool.labels) >= 2, "count", "at least 2 labels")
-  most = max(len(v) for v in pool.by_label.values())
-  values = [k for k in range(min(n, most) + 1) if any(pool.count_without([l]) >= n - k for l in pool.labels_with(
-      max(k, 1)))]
+  values = [k for k in range(n + 1) if pool.fewest(max(k, 1)) is not None and pool.total - pool.fewest(max(k, 1))
+            >= n - k]
   pool.need(bool(values), "count", f"enough clips for {n}-clip questions")
   k = values[decks.deal((key, "value", n), len(values))]
-  fits = [l for l in pool.labels_with(max(k, 1)) if pool.count_without([l]) >= n - k]
-  label = fits[int(pool.rng.integers(len(fits)))]
+  label = pool.draw(pool.labels_with(max(k, 1)), 1, lambda l: pool.total - len(pool.by_label[l]) >= n - k)[0]
   clips = pool.clips_of(label, k) + pool.fillers(n - k, [label])
   clips = [clips[i] for i in pool.rng.permutation(n)]
   wrong = [COUNT_WORDS[c] for c in range(n + 1) if c != k]
@@ -450,9 +467,8 @@ def compose_same(pool: Pool, n: int, decks: Decks, key) -> Question:
     first = pool.pick_label()
     pair = pool.clips_of(first, 1) + pool.clips_of(pool.pick_label(exclude=[first]), 1)
   used = {c.path for c in pair}
-  rest = [c for l in pool.labels for c in pool.by_label[l] if c.path not in used]
-  pool.need(len(rest) >= n - 2, "same", f"at least {n} clips")
-  fill = iter([rest[i] for i in pool.rng.choice(len(rest), n - 2, replace=False)])
+  pool.need(pool.total >= n, "same", f"at least {n} clips")
+  fill = iter(pool.draw(pool.clips, n - 2, lambda c: c.path not in used))
   clips = [pair[0] if k == a else pair[1] if k == b else next(fill) for k in range(n)]
   answer = "yes" if same else "no"
   position = decks.deal((key, "position"), 2)
