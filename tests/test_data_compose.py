@@ -143,6 +143,10 @@ def test_synthetic_corpus_compose_keeps_splits_types_and_balance(synth_source, t
       source[f"{synth_source / split}.jsonl:{number}"] = line
   for split in synth.SPLITS:
     lines = _lines(out, split)
+    vocabulary = {source[s]["answer"] for s in source if source[s]["split"] == split and "answer" in source[s]
+                  and source[s]["sub_category"] in ("sound_event", "music_instrument")}
+    for line in lines:  # named labels (targets, order options) come from this split's label vocabulary
+      assert set(line["question"].split('"')[1::2]) <= vocabulary
     assert collections.Counter(l["sub_category"] for l in lines) == {f"compose_{t}": len(lines) // 5
                                                                        for t in compose.TYPES}
     for line in lines:
@@ -251,6 +255,9 @@ def test_bad_input_is_one_line_naming_the_manifest_and_line(hand_source, esc50, 
 
 
 def test_cli_compose(esc50, tmp_path):
+  from alm_jax.commands.data import _compose_types  # pylint: disable=import-outside-toplevel
+
+  assert _compose_types() == compose.TYPES  # --help lists them without importing numpy
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "alm_jax", "data", "compose", "--in", str(esc50), "--out", str(tmp_path / "o"),
          "--questions", "10,5,5", "--clips", "2-4", "--types", "which,same", "--seed", "1"]
