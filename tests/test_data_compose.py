@@ -2,6 +2,7 @@
 
 import collections
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -214,6 +215,23 @@ def test_hand_manifest_resplit_by_clip_and_determinism(hand_source, tmp_path):
   for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "compose.json"):
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
   assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "c" / "train.jsonl").read_bytes()
+
+
+def test_spans_of_one_file_stay_in_one_split():
+  """Split by file: every span of a recording lands in one split; a file given two splits is an error."""
+  clips = [compose.LabelledClip(f"/a/{f}.wav", ("x", "y", "z")[(f + s) % 3], f"m.jsonl:{3 * f + s + 1}", "i",
+                                None, float(s), float(s + 1)) for f in range(30) for s in range(3)]
+  splits = compose.split_clips(clips + clips[:5], np.random.default_rng(0))  # repeated lines count once
+  where = {c.path: split for split, group in splits.items() for c in group}
+  assert sum(map(len, splits.values())) == 90 and len(where) == 30
+  assert all(len({s for s, g in splits.items() for c in g if c.path == p}) == 1 for p in where)
+  assert {s: len(g) // 3 for s, g in splits.items()} == {"train": 24, "validation": 3, "test": 3}
+  clash = [dataclasses.replace(clips[0], split="train"), dataclasses.replace(clips[1], split="test")]
+  with pytest.raises(DataError, match=r"m.jsonl:2: /a/0.wav is in split 'test' here and 'train' at m.jsonl:1"):
+    compose.split_clips(clash, np.random.default_rng(0))
+  with pytest.raises(DataError, match=r"m.jsonl:9: the same clip is at m.jsonl:1 with label 'x', here 'q'"):
+    compose.split_clips([clips[0], dataclasses.replace(clips[0], label="q", source="m.jsonl:9")],
+                        np.random.default_rng(0))
 
 
 def _one_line_error(match: str, *args, **kw) -> str:

@@ -140,6 +140,8 @@ def _manifest_clips(path: str, label_key: str | None, select: Mapping[str, Seque
   out = []
   for i in range(len(source)):
     raw = source[i]
+    if raw.kind not in ("line", "object"):
+      raise DataError(f"{raw.origin}: compose reads JSONL / JSON manifests and CSV files, not packed records")
     record = to_record(raw)  # validates the line; DataError names file:line
     item = json.loads(raw.payload) if raw.kind == "line" else raw.payload
     if not _selected(item, select):
@@ -254,39 +256,56 @@ def read_clips(inputs: Sequence[str], *, label_key: str | None = None,
 # --- splitting by clip -----------------------------------------------------------------------
 
 
+def _unique(clips: Sequence[LabelledClip]) -> list[LabelledClip]:
+  """Clips once each (same file and span): a clip listed twice must agree on its label; a given split is kept."""
+  first: dict[tuple, int] = {}
+  out: list[LabelledClip] = []
+  for clip in clips:
+    key = (clip.path, clip.start, clip.end)
+    if key not in first:
+      first[key] = len(out)
+      out.append(clip)
+      continue
+    seen = out[first[key]]
+    if seen.label != clip.label:
+      raise DataError(f"{clip.source}: the same clip is at {seen.source} with label {seen.label!r}, here "
+                      f"{clip.label!r}")
+    if clip.split and not seen.split:
+      out[first[key]] = dataclasses.replace(seen, split=clip.split)
+  return out
+
+
 def split_clips(clips: Sequence[LabelledClip], rng: np.random.Generator) -> dict[str, list[LabelledClip]]:
   """Clips per split, each audio file in one split only: the source's split where given, else 80/10/10.
 
-  Clips without a source split are dealt label by label (labels in sorted order,
-  clips shuffled) through a cycle of 8 train, 1 validation, 1 test, so every
-  split sees most labels. A file listed twice with two labels or two splits is
-  an error naming both lines.
+  A file's spans stay together. Files without a source split are dealt label
+  by label (labels in sorted order, files shuffled) through a cycle of 8 train,
+  1 validation, 1 test, so every split sees most labels. A file given two
+  splits is an error naming both lines.
   """
-  first: dict[str, LabelledClip] = {}
-  unique = []
-  for clip in clips:
-    seen = first.get(clip.path)
-    if seen is None:
-      first[clip.path] = clip
-      unique.append(clip)
-      continue
-    if seen.label != clip.label or (seen.split and clip.split and seen.split != clip.split):
-      raise DataError(f"{clip.source}: {clip.path} is also at {seen.source} with another label or split")
+  files: dict[str, list[LabelledClip]] = collections.defaultdict(list)
+  for clip in _unique(clips):
+    files[clip.path].append(clip)
   out: dict[str, list[LabelledClip]] = {s: [] for s in SPLITS}
   loose = collections.defaultdict(list)
-  for clip in unique:
-    if clip.split:
-      out[clip.split].append(clip)
+  for group in files.values():
+    given = [c for c in group if c.split]
+    other = next((c for c in given if c.split != given[0].split), None)
+    if other is not None:
+      raise DataError(f"{other.source}: {other.path} is in split {other.split!r} here and {given[0].split!r} at "
+                      f"{given[0].source}")
+    if given:
+      out[given[0].split] += [dataclasses.replace(c, split=given[0].split) for c in group]
     else:
-      loose[clip.label].append(clip)
+      loose[group[0].label].append(group)
   cycle = ["train"] * round(10 * (1 - sum(SPLIT_FRACTIONS.values())))
   cycle += ["validation"] * round(10 * SPLIT_FRACTIONS["validation"]) + ["test"] * round(10 * SPLIT_FRACTIONS["test"])
   cycle = [cycle[i] for i in rng.permutation(len(cycle))]
   k = 0
   for label in sorted(loose):
-    group = loose[label]
-    for i in rng.permutation(len(group)):
-      out[cycle[k % len(cycle)]].append(dataclasses.replace(group[i], split=cycle[k % len(cycle)]))
+    for i in rng.permutation(len(loose[label])):
+      split = cycle[k % len(cycle)]
+      out[split] += [dataclasses.replace(c, split=split) for c in loose[label][i]]
       k += 1
   return out
 
