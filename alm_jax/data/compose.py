@@ -339,7 +339,9 @@ class Pool:
     self.labels = list(self.by_label)
     self.clips = [c for group in self.by_label.values() for c in group]
     self.total = len(self.clips)
-    self._with: dict = {}  # cached per count: caption sets have tens of thousands of labels
+    # Cached per count: caption sets have tens of thousands of labels.
+    self._with: dict[int, list[str]] = {}
+    self._fewest: dict[int, int | None] = {}
 
   def need(self, ok: bool, kind: str, what: str) -> None:
     """Raises a one-line DataError when the split cannot give `kind` questions."""
@@ -356,9 +358,9 @@ class Pool:
 
   def fewest(self, count: int) -> int | None:
     """The fewest clips any label with at least `count` clips holds (None: no such label)."""
-    if ("fewest", count) not in self._with:
-      self._with[("fewest", count)] = min((len(self.by_label[l]) for l in self.labels_with(count)), default=None)
-    return self._with[("fewest", count)]
+    if count not in self._fewest:
+      self._fewest[count] = min((len(self.by_label[l]) for l in self.labels_with(count)), default=None)
+    return self._fewest[count]
 
   def pick_label(self, count: int = 1, exclude: Iterable[str] = ()) -> str:
     """A random label with at least `count` clips, not in `exclude` (caller checked one exists)."""
