@@ -27,7 +27,7 @@ COMMANDS = {
     "generate": "Answer a prompt about one or more audio files with a checkpoint.",
     "import-hf": "Convert a Hugging Face model folder into an alm_jax checkpoint.",
     "export-hf": "Write an alm_jax checkpoint as a Hugging Face model folder.",
-    "data": "Data tools: build the synthetic corpus, pack manifests into ArrayRecord.",
+    "data": "Data tools: build the synthetic corpus, compose multi-audio questions, pack manifests into ArrayRecord.",
     "compile": "Compile the train step (or the generation program) ahead of time for a device topology; print "
                "memory, collectives and a roofline.",
 }
