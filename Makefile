@@ -31,7 +31,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 benchmarks: $(VENV)/.installed-test
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/[!_]*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) workdir *.egg-info

@@ -12,6 +12,8 @@ a busy machine slows both alike. Prints a Markdown table and the speed ratio.
 
 from __future__ import annotations
 
+import _run_info  # noqa: E402  (benchmarks/_run_info.py: date, machine and load of the run)
+
 import argparse
 import os
 import statistics
@@ -111,4 +113,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  _run_info.stamp(__file__, "start")
+  code = main()
+  _run_info.stamp(__file__, "end")
+  raise SystemExit(code)

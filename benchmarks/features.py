@@ -10,6 +10,8 @@ under a frame's peak (see tests/test_features.py).
 
 from __future__ import annotations
 
+import _run_info  # noqa: E402  (benchmarks/_run_info.py: date, machine and load of the run)
+
 import argparse
 import os
 import platform
@@ -166,4 +168,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  _run_info.stamp(__file__, "start")
   main()
+  _run_info.stamp(__file__, "end")

@@ -33,6 +33,8 @@ and reports medians.
 
 from __future__ import annotations
 
+import _run_info  # noqa: E402  (benchmarks/_run_info.py: date, machine and load of the run)
+
 import argparse
 import dataclasses
 import json
@@ -189,4 +191,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  _run_info.stamp(__file__, "start")
   main()
+  _run_info.stamp(__file__, "end")

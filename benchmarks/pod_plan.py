@@ -14,6 +14,8 @@ and prints the compile-time ratio against its scanned form.
 
 from __future__ import annotations
 
+import _run_info  # noqa: E402  (benchmarks/_run_info.py: date, machine and load of the run)
+
 import argparse
 import concurrent.futures
 import dataclasses
@@ -171,4 +173,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  _run_info.stamp(__file__, "start")
   main()
+  _run_info.stamp(__file__, "end")

@@ -46,6 +46,8 @@ finish in about 4-5 minutes on an idle 2-core CPU (longer under load).
 
 from __future__ import annotations
 
+import _run_info  # noqa: E402  (benchmarks/_run_info.py: date, machine and load of the run)
+
 import argparse
 import dataclasses
 import os
@@ -447,4 +449,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  _run_info.stamp(__file__, "start")
+  code = main()
+  _run_info.stamp(__file__, "end")
+  raise SystemExit(code)
