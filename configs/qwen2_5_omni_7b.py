@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bridge=dict(kind="mlp", mlp=dict(in_dim=1280, out_dim=3584, num_layers=1, act="gelu", use_bias=True)),
       llm=dict(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                num_heads=28, num_kv_heads=4, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
+               mrope_section=(16, 24, 24),  # TMRoPE bands (time, height, width); text+audio ids are 1-D
                qkv_bias=True, tie_embeddings=False, remat="full", attention="splash",
                lora_rank=8 if stage == "lora" else 0,
                lora_alpha=32.0, lora_targets=("q", "k", "v", "o", "gate", "up", "down")),

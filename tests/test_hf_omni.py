@@ -8,7 +8,6 @@ thinker; bad folders give one-line errors; `alm-jax generate` answers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -25,7 +24,7 @@ from alm_jax.cli import main as cli_main
 from alm_jax.data.templates import OMNI_SYSTEM
 from alm_jax.errors import CheckpointError
 from alm_jax.infer.alm_generate import ALMGenerator, user_prompt
-from alm_jax.models.llm import rope_inv_freq
+from alm_jax.models.llm import rope_tables
 from alm_jax.run_config import load_run_config
 from helpers import REPO
 from test_hf_alm import _randomize, clip, make_tokenizer, max_rel_error
@@ -194,15 +193,24 @@ def test_rope_index_matches_get_rope_index(setup):
   assert "\n" not in str(info.value)
 
 
-def test_mrope_tables_match_the_rotary_module(setup):
-  """Distinct time/height/width ids (as vision tokens have): each frequency band follows its section's axis."""
-  rotary = setup.ref.model.language_model.rotary_emb
+def test_tmrope_decoder_matches_transformers(setup):
+  """Distinct time/height/width ids (as vision tokens have): tables and decoder logits follow `mrope_section`."""
+  llm_cfg = setup.bundle.config.llm
+  assert llm_cfg.mrope_section == tuple(SECTION)
+  text = setup.ref.model.language_model
   positions = torch.stack([torch.arange(40) * 3, torch.arange(40) % 7, 100 - torch.arange(40)])[:, None, :]
-  cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-  ours = hf_omni.mrope_tables(rope_inv_freq(setup.bundle.config.llm), jax.numpy.asarray(positions.numpy()),
-                              tuple(SECTION))
+  cos, sin = text.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+  ours = rope_tables(llm_cfg, jax.numpy.asarray(positions.numpy()))
   np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=1e-6)
   np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=1e-6)
+  ids = torch.arange(40)[None] * 7 % 290
+  with torch.inference_mode():
+    theirs = setup.ref.lm_head(text(input_ids=ids, position_ids=positions).last_hidden_state)[0].numpy()
+  llm = setup.bundle.layout.model(setup.bundle.params).llm
+  logits, _ = llm(jax.numpy.asarray(ids.numpy()), positions=jax.numpy.asarray(positions.numpy()))
+  err = max_rel_error(np.asarray(logits[0]), theirs)
+  print(f"omni TMRoPE decoder (3-D positions): max relative logits error {err:.2e}")
+  assert err <= REL
 
 
 def test_greedy_generation_matches_transformers(setup):
@@ -239,17 +247,14 @@ def test_export_loads_in_transformers_with_the_same_logits(setup, tmp_path):
 def test_whole_model_folder_imports_its_thinker(setup, tmp_path, capsys):
   """A `Qwen2_5OmniForConditionalGeneration` folder: `thinker.` names; talker and token2wav skipped with a note."""
   whole = str(tmp_path / "whole")
-  shutil.copytree(setup.src, whole)
-  weights = {"thinker." + k: v for k, v in load_file(os.path.join(whole, "model.safetensors")).items()}
-  weights["talker.model.embed_tokens.weight"] = np.zeros((8, 4), np.float32)
+  config = transformers.Qwen2_5OmniConfig(thinker_config=setup.ref.config.to_dict(), enable_audio_output=False)
+  model = transformers.Qwen2_5OmniForConditionalGeneration(config)
+  model.thinker.load_state_dict(setup.ref.state_dict())
+  model.save_pretrained(whole)  # `thinker.` names
+  weights = load_file(os.path.join(whole, "model.safetensors"))
+  weights["talker.model.embed_tokens.weight"] = np.zeros((8, 4), np.float32)  # as a folder with audio output has
   weights["token2wav.code2wav_dit_model.proj.weight"] = np.zeros((4, 4), np.float32)
   save_file(weights, os.path.join(whole, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(setup.src, "config.json")) as f:
-    thinker = json.load(f)
-  config = {"architectures": ["Qwen2_5OmniForConditionalGeneration"], "model_type": "qwen2_5_omni",
-            "thinker_config": thinker, "talker_config": {}, "token2wav_config": {}, "enable_audio_output": True}
-  with open(os.path.join(whole, "config.json"), "w") as f:
-    json.dump(config, f)
   imported = hf_alm.import_alm(whole, "qwen2.5-omni")
   note = capsys.readouterr().out
   assert "skipped" in note and "talker" in note and "token2wav" in note and "vision" in note
@@ -315,6 +320,7 @@ def test_recipe_validates_and_is_the_released_layout():
     assert cfg.train.stage == stage and cfg.data.template == "qwen2.5-omni"
     hf = hf_alm.alm_config_to_hf(cfg.model, "qwen2.5-omni")
     assert hf["audio_config"]["n_window"] == 100 and hf["text_config"]["rope_parameters"]["mrope_section"] == [16, 24, 24]
+    assert cfg.model.llm.mrope_section == (16, 24, 24)
     back = hf_alm.alm_config_from_hf(hf, "qwen2.5-omni", has_lm_head=True)
     assert back == dataclasses.replace(
         cfg.model, llm=dataclasses.replace(cfg.model.llm, remat="none", lora_rank=0, lora_alpha=16.0,

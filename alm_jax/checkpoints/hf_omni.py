@@ -7,7 +7,8 @@ attention restart in each chunk; our `WhisperConfig(chunk_frames=200)`),
 average-pools, applies `ln_post` and a Linear `proj` (our one-layer MLP bridge),
 then a Qwen2.5 decoder whose TMRoPE positions (`get_rope_index`) are, for
 prompts of text and audio only, the same sequential ids on all three axes,
-i.e. plain 1-D RoPE (`rope_index` below computes them).
+i.e. plain 1-D RoPE (`rope_index` below computes them; `LLMConfig.mrope_section`
+turns 3-D positions into TMRoPE tables, `llm.rope_tables`).
 
 Import reads the thinker and skips the talker, token2wav and the vision
 tower with a printed note; export writes a thinker folder (the vision tower
@@ -24,7 +25,6 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 
 from alm_jax.checkpoints import hf_llm, mapping
@@ -87,6 +87,9 @@ def alm_config_from_hf(config: Mapping[str, Any], *, source: str = "config.json"
     raise CheckpointError(f"{source}: audio_config.scale_embedding=true is not supported")
   text = {**_TEXT_DEFAULTS, **(thinker.get("text_config") or {}), "model_type": "qwen2"}
   overrides = {} if has_lm_head is None else {"tie_embeddings": not has_lm_head}
+  section = (text.get("rope_parameters") or text.get("rope_scaling") or {}).get("mrope_section")
+  half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
+  overrides["mrope_section"] = tuple(section or (MROPE_SECTION if sum(MROPE_SECTION) == half else ()))
   try:
     llm = hf_llm.llm_config_from_hf(text, source=f"{source}:text_config", **overrides)
     whisper = WhisperConfig(
@@ -125,6 +128,8 @@ def exportable_problems(cfg: ALMConfig) -> list[str]:
     problems.append("needs model.encoder_norm=False and trim_padding=True")
   if mlp.num_layers != 1 or not mlp.use_bias:
     problems.append(f"needs a one-layer projector with bias (the tower's proj), the model has {mlp.num_layers}")
+  if cfg.llm.mrope_section and sum(cfg.llm.mrope_section) != cfg.llm.head_dim // 2:
+    problems.append(f"needs llm.mrope_section summing to head_dim / 2, the model has {list(cfg.llm.mrope_section)}")
   if cfg.llm.family != "qwen2" or cfg.llm.rope_type != "default":
     problems.append(f"needs a qwen2 decoder with default RoPE, the model has {cfg.llm.family} / {cfg.llm.rope_type}")
   if cfg.audio_token_id < 0:
@@ -150,7 +155,7 @@ def alm_config_to_hf(cfg: ALMConfig, *, base: Mapping[str, Any] | None = None,
     raise CheckpointError(f"{source}: {str(e).removeprefix('config error: ')}") from None
   for key in ("architectures", "torch_dtype", "rope_theta", "rope_scaling"):
     text.pop(key, None)
-  section = ((base.get("text_config") or {}).get("rope_parameters") or {}).get("mrope_section", MROPE_SECTION)
+  section = list(cfg.llm.mrope_section or MROPE_SECTION)
   text.update(model_type="qwen2_5_omni_text", tie_word_embeddings=False,
               rope_parameters={"rope_type": "default", "rope_theta": cfg.llm.rope_theta, "mrope_section": section})
   out = {**_THINKER_DEFAULTS, **base}
@@ -278,18 +283,3 @@ def rope_index(tokens: np.ndarray, mask: np.ndarray | None = None, *, image_toke
   positions = np.where(mask, np.cumsum(mask, axis=-1) - 1, 1)
   deltas = positions.max(-1, keepdims=True) + 1 - mask.sum(-1, keepdims=True)
   return np.broadcast_to(positions[None], (3,) + positions.shape).copy(), deltas
-
-
-def mrope_tables(inv_freq: np.ndarray | jax.Array, positions: jax.Array, section: tuple[int, ...]
-                 ) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, L, head_dim] for 3-D positions [3, B, L]: frequency band i of `section` turns with axis i % 3."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  inv_freq = jnp.asarray(inv_freq, jnp.float32)
-  if sum(section) != inv_freq.shape[0]:
-    raise ValueError(f"mrope_section {list(section)} does not sum to head_dim / 2 = {inv_freq.shape[0]}")
-  axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(section)])
-  chosen = jnp.take(positions.astype(jnp.float32), jnp.asarray(axis), axis=0)  # [half, B, L]
-  freqs = jnp.moveaxis(chosen, 0, -1) * inv_freq
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
