@@ -16,6 +16,13 @@ is left out: transformers initialises it afresh, and it never touches
 text+audio logits). The audio tower's unused `audio_bos_eos_token` table is
 written as zeros, its sinusoid position table (not stored by HF) is rebuilt.
 `hf_alm` dispatches here for the family `qwen2.5-omni`.
+
+Clips over 30 s: the tower is chunk-local, so 30 s windows (whole chunks) give
+exactly what one long clip gives for the same log-Mel frames; but our front end
+computes log-Mel per 30 s window (as for AF3), while HF's extractor on a whole
+long clip (`truncation=False`) differs at the window seams and in its per-clip
+clamp floor (2e-2 of the logits' scale on a 45 s test clip). HF's processor
+truncates at 30 s by default; `import-hf --max-windows 1` does the same.
 """
 
 from __future__ import annotations
