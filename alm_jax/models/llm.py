@@ -437,7 +437,8 @@ class LLM(nnx.Module):
     """Runs the decoder on tokens [B, L] or embeddings [B, L, D].
 
     `mask` [B, L] bool marks real tokens (default all); `positions` [B, L]
-    (or TMRoPE's [3, B, L], see `LLMConfig.mrope_section`) int32 default to `positions_from_mask(mask)` (required with a cache).
+    int32 default to `positions_from_mask(mask)` (required with a cache;
+    TMRoPE's [3, B, L] with `LLMConfig.mrope_section`).
     With `cache` (from `init_cache`) the L new keys/values are written at slots
     `cache_index ... cache_index + L - 1` and each query attends to valid slots
     up to its own; the updated cache is returned. Returns (float32 logits

@@ -121,7 +121,6 @@ class WhisperConfig:
         "whisper.remat",
         f"unknown policy {self.remat!r} (known: {', '.join(layers.REMAT_POLICIES)})",
     )
-
     require(self.chunk_frames >= 0 and self.chunk_frames % 4 == 0, "whisper.chunk_frames",
             f"must be a multiple of 4 (whole pooled pairs per chunk), got {self.chunk_frames}")
     require(not self.chunk_frames or self.pool, "whisper.chunk_frames", "chunked attention needs pool=True")
