@@ -256,10 +256,14 @@ def test_whole_model_folder_imports_its_thinker(setup, tmp_path, capsys):
   weights["talker.model.embed_tokens.weight"] = np.zeros((8, 4), np.float32)  # as a folder with audio output has
   weights["token2wav.code2wav_dit_model.proj.weight"] = np.zeros((4, 4), np.float32)
   save_file(weights, os.path.join(whole, "model.safetensors"), metadata={"format": "pt"})
-  imported = hf_alm.import_alm(whole, "qwen2.5-omni")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy2(os.path.join(setup.src, name), whole)
+  capsys.readouterr()
+  assert cli_main(["import-hf", whole, str(tmp_path / "run"), "--family", "qwen2.5-omni"]) == 0
   note = capsys.readouterr().out
   assert "skipped" in note and "talker" in note and "token2wav" in note and "vision" in note
-  assert imported.config == hf_alm.import_alm(setup.src).config
+  imported = load_bundle(str(tmp_path / "run"))
+  assert imported.config == setup.bundle.config and imported.template == "qwen2.5-omni"
   for path, value in setup.bundle.params.items():
     np.testing.assert_array_equal(np.asarray(imported.params[path]), np.asarray(value), err_msg=path)
 
