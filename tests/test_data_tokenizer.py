@@ -33,6 +33,10 @@ def test_family_templates_render_the_reference_strings():
       "musicflamingo": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|sound_bos|>"
                        "<sound><sound><|sound_eos|><|sound_bos|><sound><|sound_eos|>What is it?<|im_end|>\n"
                        "<|im_start|>assistant\na dog<|im_end|>\n",
+      "qwen2.5-omni": "<|im_start|>system\nYou are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, "
+                      "capable of perceiving auditory and visual inputs, as well as generating text and speech."
+                      "<|im_end|>\n<|im_start|>user\n<|audio_bos|><|AUDIO|><|AUDIO|><|audio_eos|><|audio_bos|>"
+                      "<|AUDIO|><|audio_eos|>What is it?<|im_end|>\n<|im_start|>assistant\na dog<|im_end|>\n",
       "salmonn": "<s>USER: <Speech><unk><unk></Speech><Speech><unk></Speech> What is it?\nASSISTANT:a dog</s>",
       "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|reserved_special_token_0|>"
                 "<|reserved_special_token_2|><|reserved_special_token_2|><|reserved_special_token_1|>"

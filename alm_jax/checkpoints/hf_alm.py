@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alm_jax.checkpoints import hf_llm, hf_musicflamingo, mapping
+from alm_jax.checkpoints import hf_llm, hf_musicflamingo, hf_omni, mapping
 from alm_jax.checkpoints import whisper as whisper_ckpt
 from alm_jax.checkpoints.mapping import NameMap, Rule
 from alm_jax.checkpoints.qformer_hf import projector_name_map
@@ -46,6 +46,7 @@ from alm_jax.params import ParamLayout
 Place = Callable[[str, np.ndarray], Any]
 
 MEL_FRAMES_PER_SECOND = 100  # Whisper log-Mel hop 10 ms; two frames per encoder position
+OMNI = "qwen2.5-omni"  # its config, names and tensors are `hf_omni`'s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Family:
     max_windows: 30 s windows per clip (the reference processors' limit).
     encoder_keys: HF `audio_config` keys for d_model, layers, heads, FFN width.
     rotary_time: the rotary time embedding on encoder outputs (MusicFlamingo, see `hf_musicflamingo`).
+    aliases: other architectures / model types of the family (a whole model around it).
   """
 
   name: str
@@ -73,6 +75,7 @@ class Family:
   max_windows: int
   encoder_keys: tuple[str, str, str, str]
   rotary_time: bool = False
+  aliases: tuple[str, ...] = ()
 
   @property
   def template(self) -> str:
@@ -92,6 +95,13 @@ FAMILIES: dict[str, Family] = {
         "musicflamingo", "musicflamingo", "MusicFlamingoForConditionalGeneration", "audioflamingo3_encoder", "af3", 2,
         "audio_token_id", 151669, 40, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
         rotary_time=True,
+    ),
+    # The thinker of Qwen2.5-Omni (`hf_omni`): chunked tower, its `proj` as a one-layer projector, Qwen2.5.
+    "qwen2.5-omni": Family(
+        "qwen2.5-omni", "qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration",
+        "qwen2_5_omni_audio_encoder", "qwen2_audio", 1, "audio_token_index", 151646, 20,
+        ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim"),
+        aliases=("Qwen2_5OmniForConditionalGeneration", "qwen2_5_omni"),
     ),
 }
 TOWERS = ("qwen2", "qwen3", "llama", "whisper")
@@ -123,7 +133,7 @@ def detect_family(config: Mapping[str, Any], source: str) -> str:
   architectures = list(config.get("architectures") or [])
   model_type = config.get("model_type")
   for family in FAMILIES.values():
-    if family.architecture in architectures or model_type == family.model_type:
+    if {family.architecture, family.model_type, *family.aliases} & {*architectures, model_type}:
       return family.name
   if model_type in TOWERS:
     return model_type
@@ -163,6 +173,9 @@ def alm_config_from_hf(config: Mapping[str, Any], family: str, *, source: str = 
   whose processor truncates at 30 s; 20 = 600 s for AF3).
   """
   fam = FAMILIES[family]
+  if family == OMNI:
+    return hf_omni.alm_config_from_hf(config, source=source, has_lm_head=has_lm_head, max_windows=max_windows,
+                                      default_windows=fam.max_windows)
   whisper = whisper_config_from_hf(config.get("audio_config") or {}, fam, source)
   text = dict(config.get("text_config") or {})
   if text.get("model_type", "qwen2") == "qwen2":
@@ -193,6 +206,8 @@ def alm_config_from_hf(config: Mapping[str, Any], family: str, *, source: str = 
 def exportable_problems(cfg: ALMConfig, family: str) -> list[str]:
   """Why `cfg` has no exact `family` counterpart (empty when it has one)."""
   fam = FAMILIES[family]
+  if family == OMNI:
+    return hf_omni.exportable_problems(cfg)
   problems = []
   if cfg.encoders != ("whisper",):
     problems.append(f"needs a Whisper encoder alone, the model has encoders {list(cfg.encoders)}")
@@ -227,6 +242,8 @@ def family_of(cfg: ALMConfig, template: str | None = None, hf: Mapping[str, Any]
     return hf["family"]
   if template in FAMILIES:
     return template
+  if cfg.whisper is not None and cfg.whisper.chunk_frames:
+    return OMNI
   if cfg.bridge.kind == "mlp":
     for family in FAMILIES.values():
       if cfg.bridge.mlp.num_layers == family.projector_layers and (cfg.rotary_time is not None) == family.rotary_time:
@@ -240,6 +257,8 @@ def alm_config_to_hf(cfg: ALMConfig, family: str, *, base: Mapping[str, Any] | N
 
   Raises `CheckpointError` naming `source` when the family cannot represent the model.
   """
+  if family == OMNI:
+    return hf_omni.alm_config_to_hf(cfg, base=base, source=source)
   problems = exportable_problems(cfg, family)
   if problems:
     raise CheckpointError(f"{source}: cannot export as {family}: {'; '.join(problems)}")
@@ -403,6 +422,9 @@ def import_alm(folder: str, family: str = "auto", *, make_place: Callable[[Param
   if family not in FAMILIES:
     raise CheckpointError(f"{folder}/config.json: a single {family} tower, not an audio-language model "
                           "(use import_tower)")
+  if family == OMNI:
+    return hf_omni.import_omni(folder, config, make_place=make_place, default_windows=FAMILIES[OMNI].max_windows,
+                               max_windows=max_windows or processor_windows(folder))
   shapes = tensor_shapes(folder)
   names_layout = detect_layout(shapes)
   max_windows = max_windows or processor_windows(folder)
@@ -453,6 +475,9 @@ def export_alm(cfg: ALMConfig, params: Mapping[str, Any], folder: str, *, family
   adapters are merged. Returns the weight files.
   """
   family = family or family_of(cfg)
+  if family == OMNI:
+    return hf_omni.export_omni(cfg, params, folder, base_config=base_config, side_files=side_files,
+                               tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, source=source)
   hf_config = alm_config_to_hf(cfg, family, base=base_config, source=source)
   flat = merged_params(cfg, params)
   names = name_map(_untie(cfg), family, "legacy")

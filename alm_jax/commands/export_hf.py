@@ -20,7 +20,7 @@ import os
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("ckpt", metavar="CKPT", help="run directory, checkpoints folder or step folder")
   parser.add_argument("out", metavar="OUT", help="folder to write (config.json, *.safetensors, tokenizer files)")
-  parser.add_argument("--family", choices=("auto", "qwen2-audio", "af3", "musicflamingo"), default="auto",
+  parser.add_argument("--family", choices=("auto", "qwen2-audio", "af3", "musicflamingo", "qwen2.5-omni"), default="auto",
                       help="layout to write (auto: the imported family, else the chat template's, else the "
                            "projector's depth)")
   parser.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")

@@ -11,6 +11,8 @@ reference processors (REFERENCE.md):
   `Audio k: <|audio_bos|><|AUDIO|>×n<|audio_eos|>\\n` before the text.
 * `af3`: ChatML with the default system prompt; `<sound>×n` per clip.
 * `musicflamingo`: as `af3`, each clip's span wrapped in `<|sound_bos|>…<|sound_eos|>`.
+* `qwen2.5-omni`: ChatML with the Qwen2.5-Omni system prompt (the one its model
+  card asks for); each clip is `<|audio_bos|><|AUDIO|>×n<|audio_eos|>` before the text.
 * `salmonn`: `<s>USER: <Speech>…</Speech> {q}\\nASSISTANT:{a}</s>` (Vicuna); the
   placeholder is `<unk>` so the LLM vocabulary needs no new row.
 * `llama3`: Llama 3 headers; clips use reserved special tokens 0/1/2 as
@@ -221,12 +223,19 @@ _GENERATION: dict[str, Callable] = {"chatml": _chatml_generation, "vicuna": _vic
                                     "llama3": _llama3_generation}
 
 QWEN_SYSTEM = "You are a helpful assistant."
+OMNI_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+               "auditory and visual inputs, as well as generating text and speech.")
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "qwen2-audio": ChatTemplate(
         name="qwen2-audio", style="chatml", audio_token="<|AUDIO|>", audio_bos="<|audio_bos|>",
         audio_eos="<|audio_eos|>", clip_prefix="Audio {k}: ", clip_suffix="\n", system=QWEN_SYSTEM,
         end_of_turn="<|im_end|>", eos="<|endoftext|>", pad=("<|endoftext|>",),
+    ),
+    "qwen2.5-omni": ChatTemplate(
+        name="qwen2.5-omni", style="chatml", audio_token="<|AUDIO|>", audio_bos="<|audio_bos|>",
+        audio_eos="<|audio_eos|>", system=OMNI_SYSTEM, end_of_turn="<|im_end|>", eos="<|endoftext|>",
+        pad=("<|endoftext|>",),
     ),
     "af3": ChatTemplate(
         name="af3", style="chatml", audio_token="<sound>", system=QWEN_SYSTEM, end_of_turn="<|im_end|>",

@@ -169,6 +169,9 @@ class ALMConfig:
           f"{self.audio.window_seconds} s windows give {frames} Whisper frames, more than "
           f"model.whisper.max_positions={self.whisper.max_positions}",
       )
+      chunk = self.whisper.chunk_frames
+      require(not chunk or spec.mel_frames % chunk == 0, "model.whisper.chunk_frames",
+              f"{self.audio.window_seconds} s windows ({spec.mel_frames} mel frames) are not whole chunks of {chunk}")
     if self.beats is not None and "beats" in self.encoders:
       require(self.beats.patch_size == BEATS_PATCH, "model.beats.patch_size",
               f"audio placeholder counts assume {BEATS_PATCH}x{BEATS_PATCH} patches")

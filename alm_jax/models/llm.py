@@ -72,6 +72,10 @@ class LLMConfig:
       dense mask, which splash cannot: it runs `xla` there.
     lora_rank / lora_alpha / lora_targets: LoRA adapters built with the model
       (rank 0 = none) on the named projections (q, k, v, o, gate, up, down).
+    mrope_section: Qwen2.5-Omni's TMRoPE: frequency bands (summing to
+      head_dim / 2) turned by the time, height and width position axes in
+      turn; positions may then be `[3, B, L]`. Empty (default): 1-D RoPE only.
+      `[B, L]` positions are the same ids on every axis, which is plain RoPE.
   """
 
   family: Family = "qwen2"
@@ -105,6 +109,7 @@ class LLMConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
+  mrope_section: tuple[int, ...] = ()
 
   def __post_init__(self):
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -148,6 +153,9 @@ class LLMConfig:
     require(self.lora_alpha > 0, "llm.lora_alpha", f"must be positive, got {self.lora_alpha}")
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+    object.__setattr__(self, "mrope_section", tuple(int(n) for n in self.mrope_section))
+    require(not self.mrope_section or sum(self.mrope_section) == self.head_dim // 2, "llm.mrope_section",
+            f"{list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}")
     bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
     require(not bad, "llm.lora_targets", f"unknown {bad} (known: {', '.join(LORA_TARGETS)})")
 
@@ -183,8 +191,17 @@ def rope_inv_freq(cfg: LLMConfig) -> np.ndarray:
 
 
 def rope_tables(cfg: LLMConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, L, head_dim] (float32) for integer positions [B, L] (rotate-half layout)."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  """cos, sin [B, L, head_dim] (float32) for integer positions [B, L] (rotate-half layout), or for TMRoPE
+  positions [3, B, L] (`mrope_section`): frequency band i takes its angle from position axis i % 3."""
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  if positions.ndim == 3:
+    if not cfg.mrope_section:
+      raise ValueError(f"positions of shape {positions.shape} need llm.mrope_section (TMRoPE); it is empty")
+    axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(cfg.mrope_section)])
+    chosen = jnp.take(positions.astype(jnp.float32), jnp.asarray(axis), axis=0)  # [head_dim / 2, B, L]
+    freqs = jnp.moveaxis(chosen, 0, -1) * inv_freq
+  else:
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -420,7 +437,8 @@ class LLM(nnx.Module):
     """Runs the decoder on tokens [B, L] or embeddings [B, L, D].
 
     `mask` [B, L] bool marks real tokens (default all); `positions` [B, L]
-    int32 default to `positions_from_mask(mask)` (required with a cache).
+    int32 default to `positions_from_mask(mask)` (required with a cache;
+    TMRoPE's [3, B, L] with `LLMConfig.mrope_section`).
     With `cache` (from `init_cache`) the L new keys/values are written at slots
     `cache_index ... cache_index + L - 1` and each query attends to valid slots
     up to its own; the updated cache is returned. Returns (float32 logits

@@ -7,6 +7,9 @@ between the last layer and the final LayerNorm, and `mask_padding=True` keeps
 padding frames out of self-attention as those models do (plain Whisper attends
 to everything). Windows shorter than 30 s use the first rows of the position
 table, so tiny test models and short clips need no padding to 3000 frames.
+`chunk_frames > 0` is the Qwen2.5-Omni audio tower: each window is cut into
+chunks of that many mel frames, convolved, positioned (from row 0) and
+attended within the chunk only, then pooled (see `WhisperEncoder._chunked`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class WhisperConfig:
     remat: rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
     scan_layers: stack the layers and run them with a scan (`models/stack.py`);
       False keeps a Python loop over `layers/{i}`.
+    chunk_frames: 0 (Whisper, Qwen2-Audio, AF3), or the mel frames per chunk
+      of the Qwen2.5-Omni tower (`2 * n_window`, 200 = 2 s): conv stem,
+      positions and attention restart in every chunk; needs `pool`.
   """
 
   n_mels: int = 80
@@ -77,6 +83,7 @@ class WhisperConfig:
   attention_block: int = 0
   remat: str = "none"
   scan_layers: bool = True
+  chunk_frames: int = 0
 
   def __post_init__(self):
     if self.attention_block is None:  # configs saved before the field was explicit: "auto" is gone
@@ -114,6 +121,9 @@ class WhisperConfig:
         "whisper.remat",
         f"unknown policy {self.remat!r} (known: {', '.join(layers.REMAT_POLICIES)})",
     )
+    require(self.chunk_frames >= 0 and self.chunk_frames % 4 == 0, "whisper.chunk_frames",
+            f"must be a multiple of 4 (whole pooled pairs per chunk), got {self.chunk_frames}")
+    require(not self.chunk_frames or self.pool, "whisper.chunk_frames", "chunked attention needs pool=True")
 
   @property
   def head_dim(self) -> int:
@@ -242,6 +252,8 @@ class WhisperEncoder(nnx.Module):
       )
     if mask is not None and mask.shape != (batch, num_frames):
       raise ValueError(f"frame mask of shape {mask.shape} does not match mel frames {(batch, num_frames)}")
+    if config.chunk_frames:
+      return self._chunked(mel, mask)
 
     # The encoder computes in its weights' dtype: bf16 weights take the (float32) features rounded to bf16, as
     # transformers' `input_features.to(conv1.weight.dtype)` does (a no-op for float32 weights).
@@ -264,5 +276,36 @@ class WhisperEncoder(nnx.Module):
       pooled = frames // 2
       x = x[:, : 2 * pooled].reshape(batch, pooled, 2, config.d_model).mean(axis=2)
       valid = jnp.arange(pooled)[None, :] < (lengths // 2)[:, None]
+    x = self.layer_norm(x)
+    return constrain(x, ("batch", "audio_frames", "embed")), valid
+
+  def _chunked(self, mel: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The Qwen2.5-Omni tower on windows `[B, T, n_mels]` whose T is a multiple of `chunk_frames`.
+
+    Each chunk is encoded as if alone: its mel frames past the real audio are
+    zero, the first conv's outputs there are zeroed too (so the stride-2 conv
+    sees the chunk's own zero padding), positions restart at row 0, and
+    attention sees only the chunk's real frames. Pairs never straddle chunks
+    (chunks hold an even number of conv frames), so pooling is per chunk as well.
+    """
+    config = self.config
+    batch, num_frames, n_mels = mel.shape
+    size = config.chunk_frames
+    if num_frames % size:
+      raise ValueError(f"{num_frames} mel frames are not whole chunks of {size} (whisper.chunk_frames)")
+    chunks = num_frames // size
+    mel_len = jnp.full((batch,), num_frames, jnp.int32) if mask is None else mask.astype(jnp.int32).sum(-1)
+    chunk_len = jnp.clip(mel_len[:, None] - size * jnp.arange(chunks)[None, :], 0, size).reshape(-1)  # [B·n]
+    in_chunk = (jnp.arange(size)[None, :] < chunk_len[:, None])[..., None]
+    x = jnp.where(in_chunk, mel.astype(self.conv1.kernel.dtype).reshape(batch * chunks, size, n_mels), 0)
+    x = jax.nn.gelu(self.conv1(x), approximate=False) * in_chunk.astype(x.dtype)
+    x = jax.nn.gelu(self.conv2(x), approximate=False)
+    frames = conv_frames(size)
+    x = x + self.embed_positions[:frames].astype(x.dtype)
+    key_valid = jnp.arange(frames)[None, :] < conv_frames(chunk_len)[:, None]
+    x, _ = stack.run(self.layers, lambda layer, x, _: (layer(x, key_valid), None), x, remat=config.remat)
+    pooled = chunks * (frames // 2)
+    x = x.reshape(batch, pooled, 2, config.d_model).mean(axis=2)
+    valid = jnp.arange(pooled)[None, :] < (conv_frames(mel_len) // 2)[:, None]
     x = self.layer_norm(x)
     return constrain(x, ("batch", "audio_frames", "embed")), valid
