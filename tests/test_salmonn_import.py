@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from alm_jax.audio import features
+from alm_jax.checkpoints import salmonn_pth
 from alm_jax.checkpoints.bundle import load_bundle
 from alm_jax.cli import main as cli_main
 from alm_jax.commands.import_salmonn import import_salmonn
@@ -141,13 +142,22 @@ def _build_release(root: str) -> dict:
   return parts
 
 
-def _reference_logits(parts: dict, clip: np.ndarray, ids_left: list[int], ids_right: list[int], *,
-                      ln_audio: bool = True, lora: bool = True, pad_beats: bool = True) -> np.ndarray:
-  """SALMONN's forward pass on `clip` from the torch parts; the switches break one detail each."""
+def _reference_logits(parts: dict, clip: np.ndarray, ids_left: list[int], ids_right: list[int],
+                      **switches: bool) -> np.ndarray:
+  """SALMONN's logits on `clip` and the prompt."""
+  llama, embeds = _reference_inputs(parts, clip, ids_left, ids_right, **switches)
+  with torch.inference_mode():
+    return llama(inputs_embeds=embeds).logits[0].numpy()
+
+
+def _reference_inputs(parts: dict, clip: np.ndarray, ids_left: list[int], ids_right: list[int], *,
+                      ln_audio: bool = True, lora: bool = True, pad_beats: bool = True):
+  """(LLM with the LoRA deltas merged, its input embeddings): SALMONN's forward pass on `clip` from the torch
+  parts; the switches break one detail each."""
   model = parts["model"]
   extractor = transformers.WhisperFeatureExtractor(feature_size=WHISPER["num_mel_bins"])
   mel = extractor(clip, sampling_rate=SR, return_tensors="pt").input_features  # padded to 30 s
-  fbank = np.asarray(features.beats_fbank(jax.numpy.asarray(clip[None]), method="fft"))  # the unpadded clip
+  fbank = np.array(features.beats_fbank(jax.numpy.asarray(clip[None]), method="fft"))  # the unpadded clip
   beats = parts["beats"]
   beats.preprocess = lambda source, fbank_mean, fbank_std: torch.from_numpy(fbank)
   layer_norm = lambda x, name: torch.nn.functional.layer_norm(  # noqa: E731
@@ -160,7 +170,7 @@ def _reference_logits(parts: dict, clip: np.ndarray, ids_left: list[int], ids_ri
     if pad_beats:
       audio = torch.nn.functional.pad(audio, (0, 0, 0, length - audio.shape[1]))
     else:  # wrong on purpose: BEATs run on the padded 30 s window, its padding tokens kept
-      fbank = np.asarray(features.beats_fbank(jax.numpy.asarray(np.pad(clip, (0, 30 * SR - clip.size))[None]),
+      fbank = np.array(features.beats_fbank(jax.numpy.asarray(np.pad(clip, (0, 30 * SR - clip.size))[None]),
                                               method="fft"))
       audio = layer_norm(beats.extract_features(torch.zeros(1, fbank.shape[1]), torch.ones(1))[0], "ln_audio")
       audio = torch.nn.functional.pad(audio, (0, 0, 0, length - audio.shape[1]))
@@ -182,7 +192,7 @@ def _reference_logits(parts: dict, clip: np.ndarray, ids_left: list[int], ids_ri
           getattr(layer.self_attn, proj).weight += (LORA_ALPHA / LORA_RANK) * b @ a
     embed = llama.model.embed_tokens
     embeds = torch.cat([embed(torch.tensor([[1] + ids_left])), tokens, embed(torch.tensor([ids_right]))], dim=1)
-    return llama(inputs_embeds=embeds).logits[0].numpy()
+  return llama, embeds
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +204,8 @@ def setup(tmp_path_factory) -> dict:
                    "--llm", parts["llm_dir"], parts["run"]]) == 0
   parts["bundle"] = load_bundle(parts["run"])
   parts["clip"] = _clip(CLIP_SECONDS)
-  generator = ALMGenerator(parts["bundle"], max_new_tokens=4, batch_size=1, length_bucket=128)
+  generator = ALMGenerator(parts["bundle"], max_new_tokens=8, batch_size=1, length_bucket=128)
+  parts["generator"] = generator
   batch = generator.encode([user_prompt(QUESTION, [parts["clip"]])])
   n = int(batch["token_mask"][0].sum())
   layout = parts["bundle"].layout
@@ -236,6 +247,33 @@ def test_logits_match_salmonn_reference(setup):
   print(f"SALMONN import: {len(setup['ids'])} tokens, max relative logits error {err:.2e}")
   assert err <= REL, f"max error {err:.3g} of the logits' scale"
   setup["ref"] = ref
+
+
+def test_greedy_generation_matches_reference(setup):
+  """`generate`'s path (KV cache, LoRA adapters, the template's stops) picks SALMONN's greedy tokens."""
+  ours = setup["generator"].generate_ids([user_prompt(QUESTION, [setup["clip"]])])[0]
+  llama, embeds = _reference_inputs(setup, setup["clip"], setup["left"], setup["right"])
+  theirs: list[int] = []
+  with torch.inference_mode():
+    while len(theirs) < 8:
+      token = int(llama(inputs_embeds=embeds).logits[0, -1].argmax())
+      if token == 2:  # </s>
+        break
+      theirs.append(token)
+      embeds = torch.cat([embeds, llama.model.embed_tokens(torch.tensor([[token]]))], dim=1)
+  assert len(ours) >= 4 and ours == theirs
+
+
+def test_older_peft_names_import_the_same(setup, tmp_path):
+  """peft before adapter names saved `lora_A.weight`; those import as `lora_A.default.weight`."""
+  model = {k.replace(".default.weight", ".weight"): v for k, v in setup["model"].items()}
+  path = str(tmp_path / "old.pth")
+  torch.save({"model": model}, path)
+  imported = salmonn_pth.import_salmonn(path, setup["whisper_dir"], setup["beats_pt"], setup["llm_dir"])
+  adapters = [p for p in imported.params if p.endswith(("lora_a", "lora_b"))]
+  assert len(adapters) == 4 and imported.config.llm.lora_alpha == 32.0  # stacked layers: q and v, A and B
+  for path in adapters:
+    np.testing.assert_array_equal(np.asarray(imported.params[path]), np.asarray(setup["bundle"].params[path]))
 
 
 @pytest.mark.parametrize("broken", ["ln_audio", "lora", "pad_beats"])
