@@ -7,8 +7,10 @@ SALMONN's LAVIS names, a `LlamaForCausalLM`, LoRA factors under peft names. The 
 assembled here from those torch parts as SALMONN's `generate` does it: Whisper on the 30 s padded log-Mel →
 ln_speech; BEATs on the unpadded clip → ln_audio → zero-padded to Whisper's length; channels concatenated;
 17-frame windows through the Q-former (one query each); projection; the LLM with the LoRA deltas merged into
-q_proj / v_proj, fed `<s>` + `USER: <Speech>` + audio + `</Speech> {q}\\nASSISTANT:`. The test also shows that
-dropping ln_audio, the LoRA deltas or the zero padding of BEATs changes the logits far beyond the tolerance.
+q_proj / v_proj, fed `<s>` + `USER: <Speech>` + audio + `</Speech> {q}\\nASSISTANT:`. Greedy generation through
+`ALMGenerator` (what `alm-jax generate` runs) picks the reference's tokens. The test also shows that dropping
+ln_audio, the LoRA deltas or the zero padding of BEATs changes the logits far beyond the tolerance, that older
+peft names import the same, and that bad files are one-line errors naming the keys.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def _build_release(root: str) -> dict:
   model = {_lavis_name(k): v.clone() for k, v in qformer.state_dict().items()}
   model["speech_Qformer.bert.embeddings.position_ids"] = torch.arange(512)[None]  # a LAVIS buffer SALMONN keeps
   model["speech_query_tokens"] = rand(1, 1, QFORMER["hidden_size"], std=0.02)
-  model["speech_llama_proj.weight"] = rand(LLAMA["hidden_size"], QFORMER["hidden_size"], std=QFORMER["hidden_size"] ** -0.5)
+  width = QFORMER["hidden_size"]
+  model["speech_llama_proj.weight"] = rand(LLAMA["hidden_size"], width, std=width ** -0.5)
   model["speech_llama_proj.bias"] = rand(LLAMA["hidden_size"], std=0.2)
   for name, width in (("ln_speech", WHISPER["d_model"]), ("ln_audio", BEATS["encoder_embed_dim"])):
     model[f"{name}.weight"] = 1.0 + rand(width, std=0.3)

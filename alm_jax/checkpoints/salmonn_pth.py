@@ -60,7 +60,9 @@ IGNORED = (
     r"^speech_Qformer\.cls\.",
 )
 
-_LORA_KEY = re.compile(rf"^{re.escape(PEFT_LAYERS)}\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.lora_([AB])(\.default)?\.weight$")
+_LORA_KEY = re.compile(
+    rf"^{re.escape(PEFT_LAYERS)}\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.lora_([AB])(\.default)?\.weight$")
+_QFORMER_LAYER = re.compile(rf"^{re.escape(QFORMER)}\.encoder\.layer\.(\d+)\.")
 _SHORT = {proj.split("/")[1].removesuffix("_proj"): short for short, proj in lora.PROJECTIONS.items()}
 
 
@@ -125,7 +127,7 @@ def _shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
 def read_shape(tensors: Mapping[str, Any], source: str) -> SalmonnShape:
   """The architecture read off the tensors' names and shapes; a missing part raises one `CheckpointError`."""
   missing = [k for k in REQUIRED if k not in tensors]
-  layers = sorted({int(m.group(1)) for k in tensors if (m := re.match(rf"^{re.escape(QFORMER)}\.encoder\.layer\.(\d+)\.", k))})
+  layers = sorted({int(m.group(1)) for k in tensors if (m := _QFORMER_LAYER.match(k))})
   if not layers:
     missing.append(f"{QFORMER}.encoder.layer.*")
   if missing:
