@@ -26,6 +26,7 @@ COMMANDS = {
     "eval": "Evaluate a checkpoint on MMAU, MMAU-Pro, ASR or long-audio QA; score any predictions; compare reports.",
     "generate": "Answer a prompt about one or more audio files with a checkpoint.",
     "import-hf": "Convert a Hugging Face model folder into an alm_jax checkpoint.",
+    "import-salmonn": "Convert a SALMONN release (.pth + Whisper, BEATs and Llama towers) into an alm_jax checkpoint.",
     "export-hf": "Write an alm_jax checkpoint as a Hugging Face model folder.",
     "data": "Data tools: build the synthetic corpus, compose multi-audio questions, pack manifests into ArrayRecord.",
     "compile": "Compile the train step (or the generation program) ahead of time for a device topology; print "

@@ -233,6 +233,9 @@ class AudioEncoders(nnx.Module):
   def _beats(self, audio: jax.Array, samples: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     fbank = self._features(features.beats_fbank, audio)
     fbank_mask = features.fbank_frame_mask(samples, fbank.shape[1])
+    if self.cfg.fusion == "salmonn":  # SALMONN runs BEATs on the unpadded clip: whole 16-frame patches only
+      whole = fbank_mask.sum(-1) // BEATS_PATCH * BEATS_PATCH
+      fbank_mask = jnp.arange(fbank.shape[1])[None, :] < whole[:, None]
     tokens, token_valid = self.beats(fbank, fbank_mask)
     if self.beats_norm is not None:
       tokens = self.beats_norm(tokens)
@@ -252,8 +255,8 @@ class AudioEncoders(nnx.Module):
     if cfg.fusion == "aligned":
       repeat = BEATS_STEP_MS // WHISPER_FRAME_MS
       beats = jnp.repeat(steps, repeat, axis=1)
-    else:  # SALMONN: patch-ordered tokens against Whisper frames, index by index
-      beats = tokens
+    else:  # SALMONN: patch-ordered tokens against Whisper frames, index by index, zero past the clip's tokens
+      beats = jnp.where(token_valid[..., None], tokens, jnp.zeros((), tokens.dtype))
     beats = _fit_length(beats, length)
     fused = jnp.concatenate([hidden, beats.astype(hidden.dtype)], axis=-1)
     return constrain(fused, ("batch", "audio_frames", "embed")), valid
