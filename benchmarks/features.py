@@ -19,6 +19,7 @@ import statistics
 import time
 import warnings
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: keep an installed libtpu from probing for a TPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
