@@ -481,8 +481,15 @@ def export_alm(cfg: ALMConfig, params: Mapping[str, Any], folder: str, *, family
   hf_config = alm_config_to_hf(cfg, family, base=base_config, source=source)
   flat = merged_params(cfg, params)
   names = name_map(_untie(cfg), family, "legacy")
+  return write_folder(folder, mapping.export_params(flat, names), hf_config, side_files=side_files,
+                      tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def write_folder(folder: str, tensors: Iterator[tuple[str, np.ndarray]], hf_config: Mapping[str, Any], *,
+                 side_files: str | None, tokenizer: str | None, max_shard_bytes: int) -> list[str]:
+  """Writes an exported HF folder: float32 safetensors of `tensors`, the side files, config.json; the weight files."""
   os.makedirs(folder, exist_ok=True)
-  files = write_safetensors(folder, _float32(mapping.export_params(flat, names)), max_shard_bytes=max_shard_bytes)
+  files = write_safetensors(folder, _float32(tensors), max_shard_bytes=max_shard_bytes)
   if side_files and os.path.isdir(side_files):
     copy_side_files(side_files, folder, SIDE_FILES, skip=("config.json",))
   if tokenizer and os.path.isfile(tokenizer):

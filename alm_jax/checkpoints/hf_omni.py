@@ -27,8 +27,6 @@ truncates at 30 s by default; `import-hf --max-windows 1` does the same.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any, Callable, Mapping
 
@@ -38,7 +36,6 @@ from alm_jax.checkpoints import hf_llm, mapping
 from alm_jax.checkpoints import whisper as whisper_ckpt
 from alm_jax.checkpoints.mapping import NameMap, Rule
 from alm_jax.checkpoints.qformer_hf import projector_name_map
-from alm_jax.checkpoints.safetensors_io import SIDE_FILES, copy_side_files, write_safetensors
 from alm_jax.config import ConfigError
 from alm_jax.errors import CheckpointError
 from alm_jax.models.alm import ALMConfig, AudioConfig, BridgeConfig
@@ -256,15 +253,8 @@ def export_omni(cfg: ALMConfig, params: Mapping[str, Any], folder: str, *, base_
     yield from mapping.export_params(flat, names)
     yield LAYOUTS["legacy"]["encoder"] + BOS_EOS_TABLE, table
 
-  os.makedirs(folder, exist_ok=True)
-  files = write_safetensors(folder, hf_alm._float32(tensors()), max_shard_bytes=max_shard_bytes)  # pylint: disable=protected-access
-  if side_files and os.path.isdir(side_files):
-    copy_side_files(side_files, folder, SIDE_FILES, skip=("config.json",))
-  if tokenizer and os.path.isfile(tokenizer):
-    copy_side_files(os.path.dirname(tokenizer), folder, (os.path.basename(tokenizer),))
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
-  return files
+  return hf_alm.write_folder(folder, tensors(), hf_config, side_files=side_files, tokenizer=tokenizer,
+                             max_shard_bytes=max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------
