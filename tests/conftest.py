@@ -14,6 +14,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # them compile once. It changes no numerics: a hit is the same executable.
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"alm_jax-test-jit-{_RUN}"))
+# The tests' own compiles of tiny models use the same fast, unoptimised XLA as their CLI subprocesses
+# (helpers.FAST_XLA): compiling dominates them (the whole suite ran 1313 s -> 1064 s on 2 cores, 2026-12-02).
+# A test that is about what the optimising compiler does asks for it per compile (`OPTIMISED_XLA`).
+from helpers import FAST_XLA  # noqa: E402  (tests/ is on sys.path, as for the tests' own imports)
+
+os.environ.setdefault("XLA_FLAGS", FAST_XLA)
 
 import jax  # noqa: E402
 

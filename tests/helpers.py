@@ -14,6 +14,9 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 # measured). Neither enables fast math; every run a test compares with another gets the same flags. TPU
 # compiles (`alm-jax compile --topology v5p:...`) ignore both.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# The compiler's defaults, for a compile (`.lower(...).compile(OPTIMISED_XLA)`) in a test process that runs
+# with FAST_XLA (conftest.py) but checks what the optimised program computes.
+OPTIMISED_XLA = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
 
 
 def cli_env(**extra: str) -> dict[str, str]:
