@@ -291,8 +291,8 @@ def alm_config_to_hf(cfg: ALMConfig, family: str, *, base: Mapping[str, Any] | N
 # Name maps.
 
 
-def _llm_rules(cfg: LLMConfig, layout: str) -> list[Rule]:
-  prefixes = LAYOUTS[layout]
+def llm_rules(cfg: LLMConfig, prefixes: Mapping[str, str]) -> list[Rule]:
+  """The decoder's rules under a folder's `llm` and `lm_head` prefixes (`LAYOUTS`, or a whole model's)."""
   rules = []
   for rule in hf_llm.hf_name_map(cfg).rules:
     theirs = rule.theirs
@@ -309,7 +309,7 @@ def name_map(cfg: ALMConfig, family: str, layout: str = "legacy") -> NameMap:
   fam, prefixes = FAMILIES[family], LAYOUTS[layout]
   encoder = whisper_ckpt.HF_ENCODER.prefixed("encoder/whisper/", prefixes["encoder"])
   projector = projector_name_map(fam.projector, prefixes["projector"]).prefixed("bridge/mlp/")
-  llm = NameMap("llm", _llm_rules(cfg.llm, layout))
+  llm = NameMap("llm", llm_rules(cfg.llm, LAYOUTS[layout]))
   return NameMap.combine(family, [encoder, projector, llm], ignore=[r"\.rotary_emb\.inv_freq$"])
 
 

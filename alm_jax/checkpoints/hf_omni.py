@@ -187,15 +187,10 @@ def _encoder_rules(prefix: str) -> list[Rule]:
 
 def name_map(cfg: ALMConfig, layout: str = "legacy", root: str = "") -> NameMap:
   """Our paths ↔ the thinker's tensor names under `root` (`thinker.` in a whole-model folder)."""
+  from alm_jax.checkpoints import hf_alm  # pylint: disable=import-outside-toplevel
+
   prefixes = {k: root + v for k, v in LAYOUTS[layout].items()}
-  rules = _encoder_rules(prefixes["encoder"])
-  for rule in hf_llm.hf_name_map(cfg.llm).rules:
-    theirs = rule.theirs
-    if theirs.startswith("model."):
-      theirs = prefixes["llm"] + theirs[len("model."):]
-    elif theirs.startswith("lm_head."):
-      theirs = prefixes["lm_head"] + theirs[len("lm_head."):]
-    rules.append(Rule("llm/" + rule.ours, theirs, rule.transform))
+  rules = _encoder_rules(prefixes["encoder"]) + hf_alm.llm_rules(cfg.llm, prefixes)
   return NameMap(FAMILY, rules, ignore=[SKIPPED])
 
 

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
                       help="model family (auto: from config.json's architectures / model_type)")
   parser.add_argument("--max-windows", type=int, default=0,
-                      help="30 s windows per clip (0: the family's own limit: 1 for qwen2-audio, 20 for af3 and qwen2.5-omni, 40 for musicflamingo)")
+                      help="30 s windows per clip (0: the family's own limit: 1 for qwen2-audio, 20 for af3 and "
+                           "qwen2.5-omni, 40 for musicflamingo)")
 
 
 @dataclasses.dataclass(frozen=True)
