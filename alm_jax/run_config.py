@@ -65,6 +65,10 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig
       sections[name] = build(config.get(name, {}))
     except ConfigError as e:
       raise _qualified(e, name) from None
+  model, data = sections["model"], sections["data"]
+  if 0 < model.clip_embeddings < data.max_clips:
+    raise ConfigError("config.model.clip_embeddings",
+                      f"{model.clip_embeddings} clip vectors for up to {data.max_clips} clips (data.max_clips)")
   return RunConfig(**sections)
 
 

@@ -397,6 +397,10 @@ def test_released_recipes_validate_and_match_their_families():
       cfg = load_run_config(os.path.join(REPO, "configs", f"{name}.py:{stage}"))
       assert cfg.train.stage == stage and cfg.data.template == family
       hf = hf_alm.alm_config_to_hf(cfg.model, family)  # the recipe is exactly the released layout
+      assert not hf_alm.exportable_problems(cfg.model, family)
+      # Clip-number vectors (a training option of ours) have no place in the released layout.
+      assert hf_alm.exportable_problems(dataclasses.replace(cfg.model, clip_embeddings=2), family) == [
+          "needs model.clip_embeddings=0 (the family has no clip-number vectors)"]
       assert cfg.model.loss_chunk_tokens == 512  # 152k vocabularies: the loss in chunks by default
       # Training and target choices (remat, adapters, loss chunks, attention kernel) are not part of the layout.
       assert cfg.model.llm.attention == cfg.model.whisper.attention == "splash"

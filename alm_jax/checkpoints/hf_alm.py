@@ -233,6 +233,8 @@ def exportable_problems(cfg: ALMConfig, family: str) -> list[str]:
     problems.append("needs model.audio_token_id set (it is -1)")
   if (cfg.rotary_time is not None) != fam.rotary_time:
     problems.append(f"needs model.rotary_time {'set' if fam.rotary_time else 'None'}")
+  if cfg.clip_embeddings:
+    problems.append("needs model.clip_embeddings=0 (the family has no clip-number vectors)")
   return problems
 
 

@@ -138,6 +138,8 @@ def exportable_problems(cfg: ALMConfig) -> list[str]:
     problems.append(f"needs a qwen2 decoder with default RoPE, the model has {cfg.llm.family} / {cfg.llm.rope_type}")
   if cfg.audio_token_id < 0:
     problems.append("needs model.audio_token_id set (it is -1)")
+  if cfg.clip_embeddings:
+    problems.append("needs model.clip_embeddings=0 (the family has no clip-number vectors)")
   return problems
 
 

@@ -119,6 +119,11 @@ class ALMConfig:
       encoders on their own (`train.objective="tagging"`, see `tagging.py`).
     rotary_time: MusicFlamingo's parameter-free rotary time embedding on the
       encoder frames before the bridge (`rotary_time.py`); None: off.
+    clip_embeddings: learned clip-number vectors (`bridge/clip_embedding`, [n, llm width]) added to
+      the audio tokens of each example's 1st, 2nd, … clip, so a question about "the second clip"
+      can find its tokens wherever they sit in the prompt. Clips past the n-th share the last
+      vector (`run_config` asks for n >= data.max_clips). 0 (the default, and every released
+      family): off.
   """
 
   encoders: tuple[str, ...] = ("whisper",)
@@ -135,6 +140,7 @@ class ALMConfig:
   tagging_head: bool = False
   loss_chunk_tokens: int = 0
   rotary_time: None | RotaryTimeConfig = None  # None first: `config.from_dict` tries a union's options in order
+  clip_embeddings: int = 0
 
   def __post_init__(self):
     require(
@@ -159,6 +165,7 @@ class ALMConfig:
         "model.audio_token_id",
         f"{self.audio_token_id} is outside the vocabulary of {self.llm.vocab_size}",
     )
+    require(self.clip_embeddings >= 0, "model.clip_embeddings", f"must be >= 0, got {self.clip_embeddings}")
     require(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", f"must be >= 0, got {self.loss_chunk_tokens}")
     spec = self.token_spec()  # validates the audio section
     if self.whisper is not None:
@@ -276,6 +283,8 @@ class Bridge(nnx.Module):
     self.cfg = cfg
     self.mlp = MLPProjector(cfg.bridge.mlp, rngs=rngs) if cfg.bridge.kind == "mlp" else None
     self.qformer = QFormer(cfg.bridge.qformer, rngs=rngs) if cfg.bridge.kind == "qformer" else None
+    self.clip_embedding = layers.param(rngs, layers.default_init, (cfg.clip_embeddings, cfg.bridge.out_dim),
+                                       (None, "embed")) if cfg.clip_embeddings else None
 
   def __call__(self, frames: jax.Array, valid: jax.Array, clip: jax.Array) -> tuple[jax.Array, jax.Array]:
     """frames [B·K, T, C] of the windows in each row's K slots, whose clips are `clip` [B, K] →
@@ -303,6 +312,34 @@ class Bridge(nnx.Module):
       tokens, valid = self.qformer(grouped, grouped_valid.reshape(rows * slots, -1), segment=length)
     return tokens.reshape(rows, -1, tokens.shape[-1]), valid.reshape(rows, -1)
 
+  def token_clips(self, clip: jax.Array, num_tokens: int) -> jax.Array:
+    """The row's clip rank of each of `__call__`'s `num_tokens` tokens per row: [B, N] (-1: padding slot).
+
+    Per-window bridges emit the same number of tokens for each window slot (slot k belongs to clip
+    `clip[:, k]`); the global Q-former's slot c holds the row's clip c.
+    """
+    rows, slots = clip.shape
+    if self.qformer is not None and self.qformer.cfg.mode != "window":
+      used = jnp.arange(slots) <= clip.max(axis=1, keepdims=True)
+      clip = jnp.where(used, jnp.arange(slots), -1)
+    return jnp.repeat(clip, num_tokens // slots, axis=1)
+
+
+def clip_numbers(ranks: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """Each position's 0-based clip number within its example: ranks [B, L] (the row's clip rank at an
+  audio position, -1 elsewhere) → [B, L] (-1 elsewhere). A packed row's ranks run on across its examples
+  (`segment_ids`), so each example's numbers start again at its first clip."""
+  if segment_ids is None:
+    return ranks
+  length = ranks.shape[1]
+  none = jnp.iinfo(jnp.int32).max
+
+  def row(rank, segment):
+    first = jax.ops.segment_min(jnp.where(rank >= 0, rank, none), segment, num_segments=length + 1)
+    return jnp.where(rank >= 0, rank - first[segment], -1)
+
+  return jax.vmap(row)(ranks, segment_ids)
+
 
 def group_windows_by_clip(
     frames: jax.Array, valid: jax.Array, clip: jax.Array, max_windows: int
@@ -324,12 +361,14 @@ def group_windows_by_clip(
 
 def _splice_row(embeddings: jax.Array, tokens: jax.Array, audio: jax.Array, valid: jax.Array,
                 placeholder_id: int) -> jax.Array:
-  """One row: embeddings [L, D], tokens [L], audio [N, D], valid [N]."""
+  """One row: embeddings [L, D], tokens [L], audio [N, D] (or [N]: one value per audio token), valid [N]."""
   total = valid.shape[0]
   order = jnp.nonzero(valid, size=total, fill_value=total - 1)[0]
   is_slot = tokens == placeholder_id
   rank = jnp.cumsum(is_slot) - 1
   gathered = audio[order[jnp.clip(rank, 0, total - 1)]]
+  if embeddings.ndim == 1:
+    return jnp.where(is_slot, gathered, embeddings)
   return jnp.where(is_slot[:, None], gathered, embeddings)
 
 
@@ -348,9 +387,9 @@ def splice_audio(
 ) -> jax.Array:
   """Writes each row's valid audio tokens, in order, into that row's placeholder slots.
 
-  embeddings [B, L, D], tokens [B, L]; audio [B, N, D] with audio_valid [B, N].
-  The k-th placeholder of a row receives the row's k-th valid audio token: the
-  splice is row-local (a vmap over rows), so a row sharded onto a device needs
+  embeddings [B, L, D], tokens [B, L]; audio [B, N, D] with audio_valid [B, N] (or embeddings [B, L] and
+  audio [B, N]: one value per position, as `input_embeddings` splices each token's clip). The k-th
+  placeholder of a row receives the row's k-th valid audio token: the splice is row-local (a vmap over rows), so a row sharded onto a device needs
   nothing from other rows. Counts are checked on the host (`batch_checks.check_audio_slots`).
   """
   splice = jax.vmap(_splice_row, in_axes=(0, 0, 0, 0, None))
@@ -420,10 +459,18 @@ class AudioLanguageModel(nnx.Module):
     return self.bridge(frames, valid, clip)
 
   def input_embeddings(self, batch: Batch) -> jax.Array:
-    """Token embeddings with the audio tokens spliced in: [B, L, D]."""
-    audio, audio_valid = self.audio_tokens(batch["audio"], batch["audio_samples"], batch["audio_clip"])
-    embeddings = self.llm.embed(batch["tokens"])
-    return splice_audio(embeddings, batch["tokens"], audio, audio_valid, self.cfg.audio_token_id)
+    """Token embeddings with the audio tokens spliced in (plus their clip numbers' vectors): [B, L, D]."""
+    tokens, clip = batch["tokens"], batch["audio_clip"]
+    audio, audio_valid = self.audio_tokens(batch["audio"], batch["audio_samples"], clip)
+    embeddings = splice_audio(self.llm.embed(tokens), tokens, audio, audio_valid, self.cfg.audio_token_id)
+    table = self.bridge.clip_embedding
+    if table is None:
+      return embeddings
+    ranks = splice_audio(jnp.full(tokens.shape, -1, jnp.int32), tokens,
+                         self.bridge.token_clips(clip, audio.shape[1]), audio_valid, self.cfg.audio_token_id)
+    numbers = clip_numbers(ranks, batch.get("segment_ids"))
+    vectors = table[...][jnp.clip(numbers, 0, table.shape[0] - 1)].astype(embeddings.dtype)
+    return embeddings + jnp.where((numbers >= 0)[..., None], vectors, 0)
 
   def __call__(self, batch: Batch) -> jax.Array:
     """Float32 logits [B, L, V] for a batch of the pipeline's contract."""

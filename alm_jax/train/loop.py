@@ -50,6 +50,8 @@ from alm_jax.train.step import jit_train_step, make_eval_step, model_config_for,
 log = logging.getLogger("alm_jax.train")
 
 LORA_LEAF = r"(^|/)lora_[ab]$"
+# Leaves a later stage may add to an earlier stage's model, initialised fresh: LoRA adapters, clip-number vectors.
+NEW_STAGE_LEAF = LORA_LEAF + r"|^bridge/clip_embedding$"
 TAGGER_LEAF = r"^tagger/"  # the encoder-pretraining head, dropped when the LLM stages start
 TAGGING_TRAINS = r"^(encoder|tagger)/"
 
@@ -303,7 +305,7 @@ class Trainer:
     params = self.layout.init(train.seed, self.mesh, self.rules)
     if train.init_from:
       restored = ckpt_lib.restore_params_only(
-          train.init_from, self._abstract(self.layout.paths), allow_missing=LORA_LEAF,
+          train.init_from, self._abstract(self.layout.paths), allow_missing=NEW_STAGE_LEAF,
           ignore_unused=None if self.model_cfg.tagging_head else TAGGER_LEAF)
       fresh = sorted(set(params) - set(restored))
       params.update(restored)
