@@ -92,16 +92,25 @@ def _check_answer(line: dict) -> None:
   n = len(labels)
   assert 2 <= n <= 5 and len(line["audio"]) == n == len(line["meta"]["clip_sources"])
   assert line["answer"] in line["choices"] and len(set(line["choices"])) == len(line["choices"])
+  # The rationale (`data.clip_rationale`) names the clips' labels and the judgements the answer follows from.
+  why = line["meta"]["rationale"]
+  quoted = q.split('"')[1] if '"' in q else None
+  yes_no = "; ".join(f"clip {k + 1}: {l}, {'yes' if l == quoted else 'no'}" for k, l in enumerate(labels))
+  listing = "; ".join(f"clip {k + 1}: {l}" for k, l in enumerate(labels))
   if kind == "which":
     target = q.split('"')[1]
     assert labels.count(target) == 1 and line["answer"] == f"clip {labels.index(target) + 1}"
     assert line["choices"] == [f"clip {k + 1}" for k in range(n)]
+    assert why == yes_no and f"{line['answer']}: {target}, yes" in why
   elif kind == "match":
     a, b = (int(w) - 1 for w in line["answer"].split()[1::2])
     assert labels[a] == labels[b] and len(set(labels)) == n - 1
+    assert why.count("like") == 1 and f"clip {b + 1}: {labels[b]}, like clip {a + 1}" in why
   elif kind == "count":
     assert line["answer"] == compose.COUNT_WORDS[labels.count(q.split('"')[1])]
+    assert why == yes_no and line["answer"] == compose.COUNT_WORDS[why.count(", yes")]
   elif kind == "order":
+    assert why == listing
     x, y = q.split('"')[1], q.split('"')[3]
     held = [l for l in labels if l in (x, y)]
     assert len(held) == len(set(held))
@@ -111,6 +120,7 @@ def _check_answer(line: dict) -> None:
     a, b = (int(w) - 1 for w in re.fullmatch(r"Is clip (\d) the same kind of sound as clip (\d)\?", q).groups())
     assert a < b
     assert line["answer"] == ("yes" if labels[a] == labels[b] else "no") and sorted(line["choices"]) == ["no", "yes"]
+    assert why == f"clip {a + 1}: {labels[a]}; clip {b + 1}: {labels[b]}"
 
 
 def _check_balance(lines: list[dict]) -> None:

@@ -79,6 +79,7 @@ class Question:
   question: str
   options: tuple[str, ...]
   answer: str
+  rationale: str = ""  # the clips' labels and the one-step judgements the answer follows from (`meta.rationale`)
 
 
 # --- reading labelled clips ------------------------------------------------------------------
@@ -405,6 +406,28 @@ def _clip_name(k: int) -> str:
   return f"clip {k + 1}"
 
 
+# Rationales (`meta.rationale`, learned with `data.clip_rationale`): each clip in turn with its label and, where
+# the question needs one, the judgement that leads to the answer, so that no step compares more than two things.
+
+
+def _yes_no(clips: Sequence[LabelledClip], label: str) -> str:
+  """"clip 1: dog, no; clip 2: rain, yes": whether each clip holds `label`."""
+  return "; ".join(f"{_clip_name(k)}: {c.label}, {'yes' if c.label == label else 'no'}" for k, c in enumerate(clips))
+
+
+def _likeness(clips: Sequence[LabelledClip]) -> str:
+  """"clip 1: dog; clip 2: rain; clip 3: dog, like clip 1": each clip's label and the first earlier clip it repeats."""
+  labels = [c.label for c in clips]
+  return "; ".join(f"{_clip_name(k)}: {label}" + (f", like {_clip_name(labels.index(label))}"
+                                                    if labels.index(label) < k else "")
+                   for k, label in enumerate(labels))
+
+
+def _listing(clips: Sequence[LabelledClip], which: Iterable[int] | None = None) -> str:
+  """"clip 1: dog; clip 2: rain": the labels of the clips `which` (default all)."""
+  return "; ".join(f"{_clip_name(k)}: {clips[k].label}" for k in (range(len(clips)) if which is None else which))
+
+
 # --- the five composers: (pool, n clips, decks, key) -> Question --------------------------------
 
 
@@ -417,7 +440,8 @@ def compose_which(pool: Pool, n: int, decks: Decks, key) -> Question:
   clips = pool.fillers(n - 1, [target])
   clips.insert(at, pool.clips_of(target, 1)[0])
   options = tuple(_clip_name(k) for k in range(n))
-  return Question("which", tuple(clips), f'Which clip holds "{target}"?', options, options[at])
+  return Question("which", tuple(clips), f'Which clip holds "{target}"?', options, options[at],
+                  _yes_no(clips, target))
 
 
 def compose_match(pool: Pool, n: int, decks: Decks, key) -> Question:
@@ -435,7 +459,8 @@ def compose_match(pool: Pool, n: int, decks: Decks, key) -> Question:
   wrong = [wrong[i] for i in pool.rng.choice(len(wrong), min(MAX_OPTIONS - 1, len(wrong)), replace=False)]
   position = decks.deal((key, "position", len(wrong) + 1), len(wrong) + 1)
   options = _place(name((a, b)), wrong, position, pool.rng)
-  return Question("match", tuple(clips), "Which two clips hold the same kind of sound?", options, name((a, b)))
+  return Question("match", tuple(clips), "Which two clips hold the same kind of sound?", options, name((a, b)),
+                  _likeness(clips))
 
 
 def compose_count(pool: Pool, n: int, decks: Decks, key) -> Question:
@@ -452,7 +477,8 @@ def compose_count(pool: Pool, n: int, decks: Decks, key) -> Question:
   wrong = [wrong[i] for i in pool.rng.choice(len(wrong), min(MAX_OPTIONS - 1, len(wrong)), replace=False)]
   position = decks.deal((key, "position", len(wrong) + 1), len(wrong) + 1)
   options = _place(COUNT_WORDS[k], wrong, position, pool.rng)
-  return Question("count", tuple(clips), f'How many of the clips hold "{label}"?', options, COUNT_WORDS[k])
+  return Question("count", tuple(clips), f'How many of the clips hold "{label}"?', options, COUNT_WORDS[k],
+                  _yes_no(clips, label))
 
 
 def compose_order(pool: Pool, n: int, decks: Decks, key) -> Question:
@@ -474,7 +500,7 @@ def compose_order(pool: Pool, n: int, decks: Decks, key) -> Question:
   position = decks.deal((key, "position"), 4)
   options = _place(outcomes[value], outcomes[:value] + outcomes[value + 1 :], position, pool.rng)
   return Question("order", tuple(clips), f'In what order do "{x}" and "{y}" occur across the clips?', options,
-                  outcomes[value])
+                  outcomes[value], _listing(clips))
 
 
 def compose_same(pool: Pool, n: int, decks: Decks, key) -> Question:
@@ -494,7 +520,8 @@ def compose_same(pool: Pool, n: int, decks: Decks, key) -> Question:
   answer = "yes" if same else "no"
   position = decks.deal((key, "position"), 2)
   options = _place(answer, ["no" if same else "yes"], position, pool.rng)
-  return Question("same", tuple(clips), f"Is clip {a + 1} the same kind of sound as clip {b + 1}?", options, answer)
+  return Question("same", tuple(clips), f"Is clip {a + 1} the same kind of sound as clip {b + 1}?", options, answer,
+                  _listing(clips, (a, b)))
 
 
 COMPOSERS: dict[str, Callable[[Pool, int, Decks, object], Question]] = {
@@ -530,7 +557,7 @@ def manifest_line(q: Question, split: str, number: int, out_dir: str) -> dict:
       "question": q.question, "choices": list(q.options), "answer": q.answer, "category": "multi-audio",
       "sub_category": f"compose_{q.type}", "task": TASK_MCQ, "split": split,
       "meta": {"clip_sources": [c.source for c in q.clips], "clip_ids": [c.id for c in q.clips],
-               "clip_labels": [c.label for c in q.clips]},
+               "clip_labels": [c.label for c in q.clips], "rationale": q.rationale},
   }
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from alm_jax.audio import io as audio_io
-from alm_jax.data.records import Clip
+from alm_jax.data.records import Clip, with_clip_rationale
 from alm_jax.data.sources import RawExample, to_record
 from alm_jax.data.tokenizer import Tokenizer
 from alm_jax.errors import AudioError, DataError
@@ -130,6 +130,8 @@ class Prepare:
 
   def _measure(self, position: int, raw: RawExample) -> dict:
     record = to_record(raw, self.cfg.prompts)
+    if self.cfg.clip_rationale:
+      record = with_clip_rationale(record)
     base = {"pos": int(position), "id": int(raw.index)}
     if self.cfg.tasks and record.task not in self.cfg.tasks:
       return {"status": "filtered", **base}

@@ -146,6 +146,9 @@ class DataConfig:
     prompts: instruction per task for text-only pairs (`transcribe`, `caption`).
     tasks: keep only examples of these tasks (`transcribe`, `caption`, `mcq`,
       `chat`); empty keeps all.
+    clip_rationale: multi-clip multiple-choice answers are learned as
+      `<think>1 L1, 2 L2, …</think>answer` from each clip's label in `meta.clip_labels`
+      (`records.with_clip_rationale`); generation then needs room for the rationale.
     tfds_data_dir / audio_key / text_key: TFDS location and feature names
       (auto-detected when empty).
   """
@@ -173,6 +176,7 @@ class DataConfig:
   min_clip_seconds: float = 0.0
   prompts: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_PROMPTS))
   tasks: tuple[str, ...] = ()
+  clip_rationale: bool = False
   tfds_data_dir: str = ""
   audio_key: str = ""
   text_key: str = ""

@@ -77,6 +77,29 @@ def format_mcq(question: str, choices: Sequence[str]) -> str:
   return f"{question.strip()}\nChoose the correct option:\n{options}"
 
 
+def with_clip_rationale(record: Record) -> Record:
+  """The record with its multi-clip multiple-choice answer written as `<think>rationale</think>answer`.
+
+  The rationale is the line's `meta.rationale` (the synthetic corpus writes one per multi-audio question:
+  each clip's kind and the one-step judgement the answer follows from), else a list of each clip's label
+  from `meta.clip_labels` ("clip 1: dog; clip 2: rain", as `data compose` writes). Trained on such targets a
+  model first says what each clip holds, a single-clip skill it has, then answers from its own words
+  (docs/multi_audio.md); the scorers read the answer after `</think>`. Records with one clip, without
+  choices or an assistant answer, or with neither a rationale nor one label per clip are returned unchanged.
+  """
+  messages = record.messages
+  if (len(record.clips) < 2 or not record.choices or record.answer is None or not messages
+      or messages[-1]["role"] != "assistant"):
+    return record
+  why, labels = record.extra.get("rationale"), record.extra.get("clip_labels")
+  if not isinstance(why, str) or not why:
+    if not isinstance(labels, (list, tuple)) or len(labels) != len(record.clips):
+      return record
+    why = "; ".join(f"clip {k + 1}: {label}" for k, label in enumerate(labels))
+  last = {**messages[-1], "content": f"<think>{why}</think>{messages[-1]['content']}"}
+  return dataclasses.replace(record, messages=messages[:-1] + (last,))
+
+
 def _err(origin: str, message: str) -> DataError:
   return DataError(f"{origin}: {message}")
 

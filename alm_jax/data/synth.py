@@ -219,6 +219,25 @@ def _clip_of_kind(kind: str, rng) -> np.ndarray:
   return _event(EVENTS[rng.integers(len(EVENTS))], rng)
 
 
+# Rationales for the multi-clip questions (`meta.rationale`, learned with `data.clip_rationale`): each clip in
+# turn, with the one-step judgement the answer is read from, so no step compares more than two things.
+CLIP_ORDINALS = ("first", "second", "third")
+
+
+def _yes_no(labels: Sequence[str], target: str) -> str:
+  """"first music no, second speech yes, …": each clip's kind and whether it is the one asked about."""
+  return ", ".join(f"{CLIP_ORDINALS[k]} {label} {'yes' if label == target else 'no'}" for k, label in enumerate(labels))
+
+
+def _likeness(labels: Sequence[str]) -> str:
+  """"first beep, second siren, third beep like first": each clip's sound and the earlier clip it repeats."""
+  parts = []
+  for k, label in enumerate(labels):
+    earlier = labels.index(label)
+    parts.append(f"{CLIP_ORDINALS[k]} {label}" + (f" like {CLIP_ORDINALS[earlier]}" if earlier < k else ""))
+  return ", ".join(parts)
+
+
 def multi_which(rng, value):
   v = value % 4  # the clip holding the target kind, or 3: none of them
   target = CLIP_KINDS[rng.integers(len(CLIP_KINDS))]
@@ -228,7 +247,7 @@ def multi_which(rng, value):
     kinds[v] = target
   clips = [_finish(_clip_of_kind(k, rng), 1.5, rng) for k in kinds]
   return Item(clips, ORDINAL_CLIPS[v], f"Which clip contains {target}?", ORDINAL_CLIPS, True,
-              meta={"clip_kinds": kinds})
+              meta={"clip_labels": kinds, "rationale": _yes_no(kinds, target)})
 
 
 SAME_EVENTS = ("beep", "noise burst", "clicking", "siren")  # the most distinct events
@@ -240,7 +259,7 @@ def multi_same(rng, value):
   names = {0: [a, a, b], 1: [a, b, a], 2: [b, a, a], 3: [a, b, c]}[v]
   clips = [_finish(_event(n, rng, narrow=True), 1.5, rng) for n in names]
   return Item(clips, PAIRS[v], "Which two clips contain the same kind of sound?", PAIRS, True,
-              meta={"clip_events": names})
+              meta={"clip_labels": names, "rationale": _likeness(names)})
 
 
 def multi_speech(rng, value):
@@ -249,7 +268,7 @@ def multi_speech(rng, value):
   kinds = ["speech" if k in speech_at else CLIP_KINDS[1 + rng.integers(2)] for k in range(3)]
   clips = [_finish(_clip_of_kind(k, rng), 1.5, rng) for k in kinds]
   return Item(clips, SPEECH_CLIP_COUNTS[n], "How many of the clips contain speech?", SPEECH_CLIP_COUNTS, True,
-              meta={"clip_kinds": kinds})
+              meta={"clip_labels": kinds, "rationale": _yes_no(kinds, "speech")})
 
 
 def transcribe(rng, value):

@@ -85,12 +85,19 @@ FUZZY_MIN = 0.6
 FUZZY_MARGIN = 0.1
 
 
-def strip_reasoning(text: str) -> str:
-  """Drops `<think>` blocks (and anything before an unmatched `</think>`) and markdown marks."""
+def drop_think_blocks(text: Any) -> Any:
+  """Text without its `<think>` blocks (and anything before an unmatched `</think>`); other values as given."""
+  if not isinstance(text, str):
+    return text
   text = _THINK_BLOCK.sub(" ", text)
   if "</think>" in text.lower():
     text = text[text.lower().rfind("</think>") + len("</think>") :]
-  return _MARKDOWN.sub("", text).strip()
+  return text.strip()
+
+
+def strip_reasoning(text: str) -> str:
+  """Drops `<think>` blocks (and anything before an unmatched `</think>`) and markdown marks."""
+  return _MARKDOWN.sub("", drop_think_blocks(text)).strip()
 
 
 def final_segment(text: str) -> str | None:
@@ -302,9 +309,11 @@ def robust_match(answer: Any, prediction: Any, choices: Sequence[Any] | None) ->
 def score_mc(item: EvalItem, prediction: Any, *, think: bool = False) -> dict[str, Any]:
   """Both scores of one multiple-choice item, plus what the robust matcher chose and why.
 
-  With `think`, both scorers see only the final answer (`extract_final_answer`).
+  With `think`, both scorers see only the final answer (`extract_final_answer`); otherwise both see the
+  answer after any `<think>` block (a model that reasons first, as `data.clip_rationale` trains, is scored on
+  its answer, not on the words of its reasoning).
   """
-  answer_text = extract_final_answer(prediction) if think else prediction
+  answer_text = extract_final_answer(prediction) if think else drop_think_blocks(prediction)
   match = robust_choice(answer_text, list(item.choices))
   target = answer_index(item.answer, list(item.choices))
   return {

@@ -280,7 +280,7 @@ def _notes(benchmark: str, options: EvalOptions, loaded: mc_readers.Loaded) -> l
     return notes
   notes.append("accuracy and random are fractions (0.5 = 50 %); random = mean of 1/len(choices).")
   notes.append("official: the published MMAU string-match rule (word sets: every answer word present, no word of a "
-               "wrong choice present; a bare letter is wrong).")
+               "wrong choice present; a bare letter is wrong), on the answer after any `<think>` block.")
   notes.append("robust: the answer mapped to one option by option text, letter or closest option; an answer naming "
                "two options is wrong unless its final-answer line names one "
                "(rule: alm_jax/eval/mc_scoring.py robust_choice).")
