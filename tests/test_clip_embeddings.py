@@ -17,28 +17,14 @@ import pytest
 
 from alm_jax.config import ConfigError
 from alm_jax.models.alm import clip_numbers
-from helpers import TINY, make_corpus
-from test_packing import FAST, batches, loss_and_grads
+from helpers import TINY
+from test_packing import FAST, batches, loss_and_grads, micro_setup
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from alm_jax.config import load_config
-  from alm_jax.data.examples import Prepare
-  from alm_jax.data.sources import open_source
-  from alm_jax.run_config import validate
-  from alm_jax.train.loop import Trainer
-
-  data = make_corpus(str(tmp_path_factory.mktemp("corpus")), 24, seed=0)
-  config = load_config(TINY + ":micro")
-  config.data.path = data
-  config.data.batch_size = 4
-  config.model.clip_embeddings = 3
-  trainer = Trainer(validate(config), str(tmp_path_factory.mktemp("run")), quiet=True)
-  params = trainer.layout.init(0, trainer.mesh, trainer.rules)
+  trainer, params, source, prepare = micro_setup(tmp_path_factory, clip_embeddings=3)
   params = {**params, "bridge/clip_embedding": params["bridge/clip_embedding"] + 1.0}  # well away from zero
-  source = open_source(data, "train")
-  prepare = Prepare(trainer.cfg.data, trainer.spec, trainer.tokenizer, train=False, seed=0)
   single, multi = [], []
   for i in range(len(source)):
     meta = prepare.measure(i, source[i])

@@ -22,8 +22,9 @@ from alm_jax.data.sources import open_source
 from helpers import TINY, make_corpus
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def micro_setup(tmp_path_factory, **model):
+  """The micro model (with `model` settings) on a 24-example corpus: trainer, fresh params, train source and a
+  `Prepare` for it."""
   from alm_jax.config import load_config
   from alm_jax.run_config import validate
   from alm_jax.train.loop import Trainer
@@ -32,10 +33,16 @@ def setup(tmp_path_factory):
   config = load_config(TINY + ":micro")
   config.data.path = data
   config.data.batch_size = 4
+  config.model.update(model)
   trainer = Trainer(validate(config), str(tmp_path_factory.mktemp("run")), quiet=True)
   params = trainer.layout.init(0, trainer.mesh, trainer.rules)
   source = open_source(data, "train")
-  prepare = Prepare(trainer.cfg.data, trainer.spec, trainer.tokenizer, train=False, seed=0)
+  return trainer, params, source, Prepare(trainer.cfg.data, trainer.spec, trainer.tokenizer, train=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  trainer, params, source, prepare = micro_setup(tmp_path_factory)
   examples = []
   for i in range(len(source)):
     meta = prepare.measure(i, source[i])
