@@ -147,8 +147,9 @@ class DataConfig:
     tasks: keep only examples of these tasks (`transcribe`, `caption`, `mcq`,
       `chat`); empty keeps all.
     clip_rationale: multi-clip multiple-choice answers are learned as
-      `<think>1 L1, 2 L2, …</think>answer` from each clip's label in `meta.clip_labels`
-      (`records.with_clip_rationale`); generation then needs room for the rationale.
+      `<think>rationale</think>answer`: the line's `meta.rationale`, else its
+      `meta.clip_labels` listed (`records.with_clip_rationale`); generation then
+      needs room for the rationale.
     tfds_data_dir / audio_key / text_key: TFDS location and feature names
       (auto-detected when empty).
   """
